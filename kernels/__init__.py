@@ -1,0 +1,1 @@
+"""Pure-torch math of the pack (no ComfyUI imports): see guidance.py."""

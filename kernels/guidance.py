@@ -1,0 +1,351 @@
+"""Safe-denoiser guidance math (Kim et al., "Training-Free Safe Denoisers for Safe Use of
+Diffusion Models", NeurIPS 2025), in pure torch.
+
+Notation. The sampler state is ``x_t = a_t * x0 + s_t * eps`` (``a`` = alpha, ``s`` = std: for
+EPS / V-prediction models in ComfyUI's k-diffusion convention ``a = 1, s = sigma``; for flow
+(CONST) models ``a = 1 - sigma, s = sigma``). ``B`` is the batch, ``N`` the size of the negation
+set, ``D`` the flattened latent size (``C*H*W``).
+
+Paper equations used here:
+
+* Eq. 4   ``E_safe[x0|x_t] = E_data[x0|x_t] + beta(x_t) * (E_data[x0|x_t] - E_unsafe[x0|x_t])``
+* Eq. 5   ``beta*(x_t) = Z_u p_unsafe,t(x_t) / (Z_s p_safe,t(x_t))``
+* Eq. 6   ``w_n = softmax_n(-||x_t - a y_n||^2 / (2 s^2))``, ``E_unsafe ~= sum_n w_n y_n``
+* Eq. 7   ``beta* ~= eta * beta(x_t)`` with ``beta`` built from the negation set's kernel
+  density at ``x_t`` (see :func:`beta_estimate` for the dimension-free form used here).
+
+Everything is computed without ever materialising a ``B x N x D`` tensor: the squared distances
+come from one GEMM (``||x||^2 + a^2||y||^2 - 2a x.y``), the weights from a log-sum-exp softmax,
+and the weighted mean from a second GEMM.  Over ``N`` the work is streamed in chunks with an
+online softmax (running max, running normaliser, running weighted sum), so memory stays
+``O(B*D + chunk*D)`` however large the set is.  Accumulation is in float32, or float64 when the
+inputs are float64, whatever the storage dtype of the negation set.
+
+This module imports nothing from ComfyUI.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "KernelMean",
+    "DEFAULT_CHUNK",
+    "compute_dtype",
+    "kernel_posterior_mean",
+    "beta_estimate",
+    "safe_combine",
+    "ReferenceGate",
+    "channel_normalise",
+    "reference_kernel_mean",
+    "reference_beta_threshold",
+    "reference_correct",
+]
+
+DEFAULT_CHUNK = 2048
+"""Negation latents processed per chunk of the online softmax."""
+
+
+@dataclass(frozen=True)
+class KernelMean:
+    """Result of a kernel-weighted average over a negation set.
+
+    Attributes:
+        mean: ``[B, D]`` weighted mean ``sum_n w_n y_n`` (the unsafe posterior mean, Eq. 6).
+        log_norm: ``[B]`` ``log sum_n k_n``, the log of the un-normalised kernel sum.
+    """
+
+    mean: torch.Tensor
+    log_norm: torch.Tensor
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (half inputs are promoted)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _per_sample(v: torch.Tensor | float, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Broadcast a scalar or ``[B]``/``[B,1,...]`` coefficient to shape ``[B]``."""
+    t = torch.as_tensor(v, dtype=dtype, device=device).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"coefficient has {t.numel()} values for a batch of {batch}")
+    return t
+
+
+def _online_softmax_mean(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    coef_xy: torch.Tensor,
+    coef_yy: torch.Tensor,
+    bias: torch.Tensor,
+    chunk: int,
+    y_sq: Optional[torch.Tensor],
+) -> KernelMean:
+    """Streamed ``softmax_n(coef_xy_b * x_b.y_n - coef_yy_b * ||y_n||^2) @ Y``.
+
+    Args:
+        x: ``[B, D]`` queries in the compute dtype.
+        y: ``[N, D]`` keys (= values), any floating dtype; cast chunk by chunk.
+        coef_xy, coef_yy: ``[B]`` per-query coefficients of the two score terms.
+        bias: ``[B]`` added to the log-normaliser (terms constant over ``n``).
+        chunk: chunk length over ``N``.
+        y_sq: optional precomputed ``[N]`` squared norms of ``y``.
+
+    Returns:
+        :class:`KernelMean` with ``log_norm = bias + logsumexp_n(score)``.
+    """
+    cdt = x.dtype
+    bsz, dim = x.shape
+    m = torch.full((bsz,), -math.inf, dtype=cdt, device=x.device)
+    lsum = torch.zeros(bsz, dtype=cdt, device=x.device)
+    acc = torch.zeros(bsz, dim, dtype=cdt, device=x.device)
+    for start in range(0, y.shape[0], chunk):
+        yc = y[start:start + chunk].to(device=x.device, dtype=cdt)
+        ysq = (yc * yc).sum(1) if y_sq is None else y_sq[start:start + chunk].to(device=x.device, dtype=cdt)
+        score = coef_xy[:, None] * (x @ yc.T) - coef_yy[:, None] * ysq[None, :]  # GEMM 1: [B, n]
+        m_new = torch.maximum(m, score.amax(1))
+        rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first chunk
+        p = torch.exp(score - m_new[:, None])
+        lsum = lsum * rescale + p.sum(1)
+        acc = acc * rescale[:, None] + p @ yc  # GEMM 2: [B, D]
+        m = m_new
+    return KernelMean(mean=acc / lsum[:, None], log_norm=bias + m + torch.log(lsum))
+
+
+def kernel_posterior_mean(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    alpha: torch.Tensor | float,
+    std: torch.Tensor | float,
+    bandwidth: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+    y_sq: Optional[torch.Tensor] = None,
+) -> KernelMean:
+    """Unsafe posterior mean over a negation set (Eq. 6), streamed over ``N``.
+
+    ``log k_n = -||x - a y_n||^2 / (2 h^2 s^2)`` and ``mean = sum_n softmax(log k)_n y_n``: the
+    exact posterior mean of the empirical distribution ``{y_n}`` under the Gaussian forward
+    process when the bandwidth ``h`` is 1; ``h > 1`` widens the kernel (a smoother estimate of a
+    continuous unsafe distribution from finitely many samples).
+
+    Args:
+        x: ``[B, D]`` noisy sampler states ``x_t``.
+        y: ``[N, D]`` negation latents in the model's sampling space (after ``process_in``).
+        alpha: ``a_t``, scalar or ``[B]``.
+        std: ``s_t``, scalar or ``[B]``, must be > 0.
+        bandwidth: ``h`` > 0.
+        chunk: negation latents per chunk of the online softmax.
+        y_sq: optional ``[N]`` cache of ``||y_n||^2``.
+
+    Returns:
+        :class:`KernelMean`; ``log_norm = log sum_n k_n`` (un-normalised Gaussian kernels, without
+        the ``(2 pi h^2 s^2)^{-D/2}`` factor), which makes exact posterior odds computable as
+        ``exp(log_norm_U - log_norm_safe)``.
+    """
+    cdt = compute_dtype(x, y)
+    xc = x.to(cdt)
+    bsz = xc.shape[0]
+    a = _per_sample(alpha, bsz, cdt, xc.device)
+    s = _per_sample(std, bsz, cdt, xc.device)
+    inv = 1.0 / (2.0 * (bandwidth * s) ** 2)  # 1 / (2 h^2 s^2)
+    bias = -(xc * xc).sum(1) * inv
+    return _online_softmax_mean(xc, y, 2.0 * a * inv, a * a * inv, bias, chunk, y_sq)
+
+
+def beta_estimate(
+    log_norm: torch.Tensor,
+    x: torch.Tensor,
+    denoised: torch.Tensor,
+    alpha: torch.Tensor | float,
+    std: torch.Tensor | float,
+    bandwidth: float = 1.0,
+    eta: float = 1.0,
+    max_beta: float = 1.0e4,
+) -> torch.Tensor:
+    """Practical ``eta * beta(x_t)`` (Eq. 7) in a dimension-free form.
+
+    The paper's ``beta(x_t)`` is the negation set's kernel density at ``x_t``.  In ``D``
+    dimensions a Gaussian density carries a ``(2 pi s^2)^{-D/2}`` factor and a common
+    ``exp(-||eps||^2/2)`` term that swing by hundreds of nats from sample to sample, so a fixed
+    ``eta`` cannot calibrate it.  We therefore measure the negation density relative to the
+    Laplace (single-point) approximation of the data density at ``x_t``, a Gaussian centred on
+    the model's own denoised estimate, ``p_data,t(x_t) ~ N(x_t; a x0_hat, h^2 s^2 I)``::
+
+        beta(x_t) = sum_n k(x_t, y_n) / k(x_t, x0_hat),   k(x, y) = exp(-||x - a y||^2 / (2 h^2 s^2))
+
+    Both kernels share the normalisation, which cancels.  ``beta`` is an estimate of the posterior
+    probability of the unsafe part, ``Z_u p_unsafe,t / p_data,t``: it tends to 1 for a trajectory
+    that heads into the negation set and to 0 for one that heads elsewhere.
+
+    Args:
+        log_norm: ``[B]`` from :func:`kernel_posterior_mean` (same ``alpha``, ``std``, ``bandwidth``).
+        x: ``[B, D]`` sampler states.
+        denoised: ``[B, D]`` the model's denoised estimate ``E_data[x0|x_t]``.
+        alpha, std: forward-process coefficients, scalar or ``[B]``.
+        bandwidth: ``h``, as used for ``log_norm``.
+        eta: the strength ``eta`` of Eq. 7.
+        max_beta: numerical ceiling on the returned value.
+
+    Returns:
+        ``[B]`` ``eta * beta(x_t)``, clamped to ``[0, max_beta]``.
+    """
+    cdt = log_norm.dtype
+    bsz = x.shape[0]
+    a = _per_sample(alpha, bsz, cdt, log_norm.device)
+    s = _per_sample(std, bsz, cdt, log_norm.device)
+    resid = x.to(cdt) - a[:, None] * denoised.to(cdt)
+    log_data = -(resid * resid).sum(1) / (2.0 * (bandwidth * s) ** 2)
+    log_beta = log_norm - log_data + math.log(max(eta, 1e-300))
+    beta = torch.exp(log_beta.clamp(max=math.log(max_beta)))
+    return torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta)) if eta > 0 else torch.zeros_like(beta)
+
+
+def safe_combine(denoised: torch.Tensor, unsafe_mean: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: ``E_safe = E_data + beta * (E_data - E_unsafe)``.
+
+    Args:
+        denoised: ``[B, ...]`` ``E_data[x0|x_t]``.
+        unsafe_mean: ``[B, ...]`` or ``[B, D]`` ``E_unsafe[x0|x_t]`` (reshaped to ``denoised``).
+        beta: ``[B]`` per-sample weight.
+
+    Returns:
+        ``[B, ...]`` in the dtype of ``denoised`` (the arithmetic runs in ``beta``'s dtype).
+    """
+    cdt = beta.dtype
+    shape = (-1,) + (1,) * (denoised.ndim - 1)
+    d = denoised.to(cdt)
+    out = d + beta.reshape(shape) * (d - unsafe_mean.to(cdt).reshape(denoised.shape))
+    return out.to(denoised.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# "reference" mode: the arithmetic of the official implementation (Safe_Denoiser@223415b,
+# repellency/repellency_methods_threshold.py, kernel_fast), batched and streamed.
+# --------------------------------------------------------------------------------------------
+
+REFERENCE_EPS = 1e-8
+"""The ``epsilon`` the official code adds to the kernel sum."""
+
+
+def channel_normalise(latents: torch.Tensor) -> torch.Tensor:
+    """L2-normalise ``[N, C, H, W]`` latents over channels at each pixel (official ``project``)."""
+    return latents / torch.linalg.vector_norm(latents, dim=1, keepdim=True)
+
+
+def _reference_logk(x0: torch.Tensor, y: torch.Tensor, sigma: float, y_sq: Optional[torch.Tensor], chunk: int):
+    """Yield ``(chunk_values, log k)`` for ``k_n = exp(-||x0 - y_n|| / (2 sigma^2))``."""
+    x_sq = (x0 * x0).sum(1)
+    for start in range(0, y.shape[0], chunk):
+        yc = y[start:start + chunk].to(device=x0.device, dtype=x0.dtype)
+        ysq = (yc * yc).sum(1) if y_sq is None else y_sq[start:start + chunk].to(device=x0.device, dtype=x0.dtype)
+        d2 = (x_sq[:, None] + ysq[None, :] - 2.0 * (x0 @ yc.T)).clamp_min(0.0)
+        yield yc, -torch.sqrt(d2) / (2.0 * sigma * sigma)
+
+
+def reference_kernel_mean(
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    sigma: float,
+    chunk: int = DEFAULT_CHUNK,
+    y_sq: Optional[torch.Tensor] = None,
+) -> KernelMean:
+    """Official kernel on the denoised estimate: unsquared distance, fixed ``sigma``.
+
+    ``k_n = exp(-||x0_hat - y_n|| / (2 sigma^2))``, ``mean = sum_n k_n y_n / (sum_n k_n + 1e-8)``
+    (note: divided by the kernel sum plus epsilon, not a pure softmax).
+
+    Args:
+        x0: ``[B, D]`` denoised estimates ``x0_hat``.
+        y: ``[N, D]`` channel-normalised negation latents.
+        sigma: fixed kernel width (official: 3.15 for SD nudity).
+
+    Returns:
+        :class:`KernelMean` whose ``log_norm`` is ``log sum_n k_n`` (so the gate value is
+        ``exp(log_norm) + 1e-8``).
+    """
+    cdt = compute_dtype(x0, y)
+    xc = x0.to(cdt)
+    bsz, dim = xc.shape
+    m = torch.full((bsz,), -math.inf, dtype=cdt, device=xc.device)
+    lsum = torch.zeros(bsz, dtype=cdt, device=xc.device)
+    acc = torch.zeros(bsz, dim, dtype=cdt, device=xc.device)
+    for yc, logk in _reference_logk(xc, y, sigma, y_sq, chunk):
+        m_new = torch.maximum(m, logk.amax(1))
+        rescale = torch.exp(m - m_new)
+        p = torch.exp(logk - m_new[:, None])
+        lsum = lsum * rescale + p.sum(1)
+        acc = acc * rescale[:, None] + p @ yc
+        m = m_new
+    log_norm = m + torch.log(lsum)
+    ksum = torch.exp(log_norm)
+    mean = (acc / lsum[:, None]) * (ksum / (ksum + REFERENCE_EPS))[:, None]
+    return KernelMean(mean=mean, log_norm=log_norm)
+
+
+@dataclass(frozen=True)
+class ReferenceGate:
+    """The official gate: correct iff ``sum_n k_n + 1e-8 > threshold - margin``."""
+
+    threshold: float
+    margin: float = 1.6
+
+    def open(self, log_norm: torch.Tensor) -> torch.Tensor:
+        """``[B]`` boolean: where the correction applies."""
+        return torch.exp(log_norm) + REFERENCE_EPS > (self.threshold - self.margin)
+
+
+def reference_beta_threshold(
+    y: torch.Tensor,
+    sigma: float,
+    noise_alpha: float,
+    noise_std: float,
+    quantile: float = 0.0,
+    seed: int = 42,
+    chunk: int = DEFAULT_CHUNK,
+) -> float:
+    """Official ``beta_threshold``: the ``quantile`` of ``sum_n k(x_m, y_n) + 1e-8`` over noisy
+    copies ``x_m = noise_alpha * y_m + noise_std * eps`` of the negation latents themselves
+    (official: DDPM ``add_noise`` at the smallest sampling timestep, seed 42, quantile 0).
+
+    Args:
+        y: ``[N, D]`` channel-normalised negation latents.
+        sigma: the kernel width used at sampling time.
+        noise_alpha, noise_std: VP coefficients of the near-clean noise level.
+        quantile: in ``[0, 1]``.
+        seed: generator seed for the noise.
+
+    Returns:
+        The threshold as a Python float.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    cdt = compute_dtype(y)
+    vals = []
+    for start in range(0, y.shape[0], chunk):
+        yc = y[start:start + chunk].to(cdt)
+        noise = torch.randn(yc.shape, generator=gen, dtype=torch.float32).to(device=yc.device, dtype=cdt)
+        noisy = noise_alpha * yc + noise_std * noise
+        lse = torch.full((yc.shape[0],), -math.inf, dtype=cdt, device=yc.device)
+        for _, logk in _reference_logk(noisy, y, sigma, None, chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(logk, 1))
+        vals.append(torch.exp(lse) + REFERENCE_EPS)
+    return float(torch.quantile(torch.cat(vals).to(torch.float64), quantile))
+
+
+def reference_correct(denoised: torch.Tensor, unsafe_mean: torch.Tensor, scale: float, gate: torch.Tensor) -> torch.Tensor:
+    """Official update ``x0_hat' = x0_hat - scale * E_u`` where the gate is open.
+
+    Args:
+        denoised: ``[B, ...]`` ``x0_hat``.
+        unsafe_mean: ``[B, D]`` from :func:`reference_kernel_mean`.
+        scale: the constant that replaces ``eta * beta`` (official: 0.33).
+        gate: ``[B]`` boolean from :meth:`ReferenceGate.open`.
+    """
+    shape = (-1,) + (1,) * (denoised.ndim - 1)
+    delta = scale * unsafe_mean.reshape(denoised.shape).to(denoised.dtype)
+    return denoised - gate.reshape(shape).to(denoised.dtype) * delta

@@ -1,0 +1,445 @@
+"""The NEGATION_SET object: raw VAE latents of unwanted images, their cache and their files.
+
+Flow of a negation latent: image folder -> VAE encode -> raw latents (cached ``.safetensors``)
+-> :class:`NegationSet` -> at sampling time ``process_in`` + resize + device/dtype (cached per
+shape) -> the guidance hook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import folder_paths
+
+from ..kernels.guidance import channel_normalise
+from .comfy_compat import NodeInputError, check_interrupt, latent_format_key, process_in, progress_bar
+
+log = logging.getLogger(__name__)
+
+FOLDER_NAME = "negation_sets"
+INPUT_PREFIX = "input/"
+CACHE_DIRNAME = ".negation_cache"
+CACHE_VERSION = 1
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+ENCODE_SEED = 0
+"""Seed for VAEs that sample their posterior (older ComfyUI), so caches are reproducible."""
+_READ_ERRORS = (OSError, ValueError, RuntimeError) + (
+    (safetensors.SafetensorError,) if hasattr(safetensors, "SafetensorError") else ())
+MAX_PREPARED = 4
+"""Prepared (shape, device, dtype) variants kept per set."""
+
+
+def register_folder() -> None:
+    """Register ``models/negation_sets`` (keeping dirs that extra_model_paths.yaml added)."""
+    default = os.path.join(folder_paths.models_dir, FOLDER_NAME)
+    entry = folder_paths.folder_names_and_paths.get(FOLDER_NAME)
+    if entry is None:
+        folder_paths.folder_names_and_paths[FOLDER_NAME] = ([default], {".safetensors"})
+        return
+    paths, exts = entry
+    if default not in paths:
+        paths.append(default)
+    if ".safetensors" not in exts:
+        exts = set(exts) | {".safetensors"}
+        folder_paths.folder_names_and_paths[FOLDER_NAME] = (paths, exts)
+
+
+def set_roots() -> list[str]:
+    """Directories that hold negation sets, in lookup order."""
+    return [p for p in folder_paths.get_folder_paths(FOLDER_NAME)]
+
+
+# ------------------------------------------------------------------------------ the object
+
+
+@dataclass(frozen=True)
+class PreparedNegation:
+    """Negation latents ready for the kernels: ``y`` is ``[N, D]`` on the sampling device."""
+
+    y: torch.Tensor
+    y_sq: torch.Tensor
+
+
+class NegationSet:
+    """Raw VAE latents ``[N, C, H, W]`` (before ``process_in``) plus metadata.
+
+    Immutable once built (outputs are shared between nodes and prompts); conversions to a
+    model's sampling space are memoised per (latent format, size, device, dtype, variant).
+    """
+
+    def __init__(self, latents: torch.Tensor, meta: dict[str, Any]):
+        if latents.ndim != 4 or latents.shape[0] < 1:
+            raise ValueError(f"negation latents must be [N, C, H, W] with N >= 1, got {list(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise ValueError("negation latents contain NaN or infinite values")
+        self.latents = latents.detach().to("cpu", torch.float32).contiguous()
+        self.meta = dict(meta)
+        self.meta.setdefault("count", int(latents.shape[0]))
+        self.meta.setdefault("latent_channels", int(latents.shape[1]))
+        self._prepared: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> "NegationSet":
+        return self  # immutable: share, never copy the tensors
+
+    @property
+    def count(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.latents.shape[1])
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name", "negation set"))
+
+    def describe(self) -> str:
+        _, c, h, w = self.latents.shape
+        return f"'{self.name}' ({self.count} latents, {c}x{h}x{w}, source: {self.meta.get('source', '?')})"
+
+    def _memo(self, key: tuple, build):
+        with self._lock:
+            if key in self._prepared:
+                self._prepared.move_to_end(key)
+                return self._prepared[key]
+        value = build()
+        with self._lock:
+            self._prepared[key] = value
+            while len(self._prepared) > MAX_PREPARED:
+                self._prepared.popitem(last=False)
+        return value
+
+    def sampling_latents(self, latent_format: Any, height: int, width: int) -> torch.Tensor:
+        """``[N, C, height, width]`` float32 CPU latents in the model's sampling space."""
+
+        def build() -> torch.Tensor:
+            lat = process_in(latent_format)(self.latents.clone())
+            if lat.shape[-2:] != (height, width):
+                log.info("Resizing negation set %s from %dx%d to the sample's %dx%d latent",
+                         self.name, lat.shape[-2], lat.shape[-1], height, width)
+                lat = F.interpolate(lat, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            return lat.contiguous()
+
+        return self._memo(("sampling", latent_format_key(latent_format), height, width), build)
+
+    def prepared(self, latent_format: Any, height: int, width: int, device: torch.device,
+                 dtype: torch.dtype, variant: str = "paper") -> PreparedNegation:
+        """Flattened latents for the kernels, memoised per (format, size, device, dtype, variant).
+
+        ``variant`` is ``"paper"`` (sampling-space latents) or ``"reference"`` (additionally
+        L2-normalised over channels at each pixel, as the official implementation does).
+        """
+
+        def build() -> PreparedNegation:
+            lat = self.sampling_latents(latent_format, height, width)
+            if variant == "reference":
+                lat = channel_normalise(lat)
+            y = lat.reshape(lat.shape[0], -1).to(device=device, dtype=dtype)
+            return PreparedNegation(y=y, y_sq=(y.to(torch.float32) * y.to(torch.float32)).sum(1))
+
+        key = ("prepared", latent_format_key(latent_format), height, width, str(device), str(dtype), variant)
+        return self._memo(key, build)
+
+    def memo(self, key: tuple, build):
+        """Memoise another derived value (e.g. a calibrated threshold) on this set."""
+        return self._memo(("extra",) + key, build)
+
+
+# ------------------------------------------------------------------------------ names & paths
+
+
+def list_set_names() -> list[str]:
+    """Dropdown entries: sub-folders and ``.safetensors`` files of every negation_sets root,
+    then ``input/<folder>`` for sub-folders of the input directory."""
+    names: list[str] = []
+    for root in set_roots():
+        if not os.path.isdir(root):
+            continue
+        for entry in sorted(os.listdir(root)):
+            full = os.path.join(root, entry)
+            if entry.startswith("."):
+                continue
+            if os.path.isdir(full) or entry.lower().endswith(".safetensors"):
+                if entry not in names:
+                    names.append(entry)
+    input_dir = folder_paths.get_input_directory()
+    if os.path.isdir(input_dir):
+        for entry in sorted(os.listdir(input_dir)):
+            if not entry.startswith(".") and os.path.isdir(os.path.join(input_dir, entry)):
+                names.append(INPUT_PREFIX + entry)
+    return names
+
+
+def _inside(root: str, rel: str, node: str) -> Optional[str]:
+    """``root/rel`` resolved, or None when absent; raises when it escapes ``root``."""
+    real_root = os.path.realpath(root)
+    candidate = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, candidate]) != real_root:
+        raise NodeInputError(node, f"the set '{rel}' resolves outside {real_root} (a '..' or a symlink "
+                                   "pointing elsewhere). Put the images inside the folder itself.")
+    return candidate if os.path.exists(candidate) else None
+
+
+def resolve_set(name: str, node: str) -> str:
+    """Absolute path of a dropdown entry, refusing anything outside the allowed roots."""
+    if not isinstance(name, str) or not name.strip():
+        raise NodeInputError(node, "no negation set chosen. Pick a folder or .safetensors file from "
+                                   f"models/{FOLDER_NAME}/ or a sub-folder of the input directory.")
+    rel = name.replace("\\", "/")
+    if rel.startswith(INPUT_PREFIX):
+        rel, roots = rel[len(INPUT_PREFIX):], [folder_paths.get_input_directory()]
+    else:
+        roots = set_roots()
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if os.path.isabs(rel) or ".." in parts or not parts:
+        raise NodeInputError(node, f"'{name}' is not a set name: absolute paths and '..' are refused. "
+                                   f"Put the set into models/{FOLDER_NAME}/ and choose it from the list.")
+    for root in roots:
+        found = _inside(root, "/".join(parts), node)
+        if found is not None:
+            return found
+    raise NodeInputError(node, f"negation set '{name}' was not found in {', '.join(roots)}. Add a folder of "
+                               f"images or a .safetensors set there (then refresh the browser), or fix the name.")
+
+
+def fingerprint_entry(name: str) -> str:
+    """Cheap change marker for IS_CHANGED: (file, size, mtime) of the set's files."""
+    try:
+        path = resolve_set(name, "Load Negation Set")
+    except NodeInputError as err:
+        return f"error:{err}"
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    parts = []
+    for file in image_files(path):
+        st = os.stat(file)
+        parts.append(f"{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ hashing
+
+
+_FILE_HASHES: dict[tuple, str] = {}
+_FILE_HASHES_LOCK = threading.Lock()
+_VAE_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def image_files(folder: str) -> list[str]:
+    """Image files directly inside ``folder`` (sorted by name; dot-files and the cache skipped)."""
+    out = []
+    for entry in sorted(os.listdir(folder)):
+        full = os.path.join(folder, entry)
+        if not entry.startswith(".") and entry.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(full):
+            out.append(full)
+    return out
+
+
+def file_sha256(path: str) -> str:
+    """Content hash of a file, memoised on (path, size, mtime_ns)."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    with _FILE_HASHES_LOCK:
+        if key in _FILE_HASHES:
+            return _FILE_HASHES[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = h.hexdigest()
+    with _FILE_HASHES_LOCK:
+        _FILE_HASHES[key] = digest
+    return digest
+
+
+def vae_fingerprint(vae: Any) -> str:
+    """Identity of a VAE's weights: names, shapes, dtypes and a strided sample of every tensor."""
+    try:
+        cached = _VAE_FINGERPRINTS.get(vae)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None:
+        return cached
+    module = vae.first_stage_model
+    h = hashlib.sha256(type(module).__name__.encode())
+    for key, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 1024)
+        sample = flat[::step][:1024].to("cpu", torch.float32).numpy()
+        h.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(sample.tobytes())
+    digest = h.hexdigest()
+    try:
+        _VAE_FINGERPRINTS[vae] = digest
+    except TypeError:
+        log.debug("VAE object %r cannot be weak-referenced; its fingerprint is not memoised", type(vae))
+    return digest
+
+
+# ------------------------------------------------------------------------------ images -> latents
+
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """``[H, W, 3]`` float in 0..1: EXIF-rotated, RGB (grayscale and alpha dropped), centre-cropped
+    to a square and resized to ``resolution`` (Lanczos)."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im = im.convert("RGB")
+        im = ImageOps.fit(im, (resolution, resolution), method=Image.LANCZOS)
+        arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.copy())
+
+
+def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """IMAGE ``[B, H, W, C]`` centre-cropped to a square and resized to ``resolution``."""
+    _, h, w, _ = images.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = images[:, top:top + side, left:left + side, :].movedim(-1, 1)
+    if side != resolution:
+        x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False, antialias=True)
+    return x.clamp(0.0, 1.0).movedim(1, -1)
+
+
+def encode_batches(vae: Any, batches: Iterable[torch.Tensor], total: int) -> torch.Tensor:
+    """VAE-encode IMAGE batches with a progress bar; interruptible; deterministic on VAEs that
+    sample their posterior."""
+    pbar = progress_bar(total)
+    out = []
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(ENCODE_SEED)
+        for batch in batches:
+            check_interrupt()
+            lat = vae.encode(batch[..., :3])
+            out.append(lat.detach().to("cpu", torch.float32))
+            pbar.update(batch.shape[0])
+    return torch.cat(out, 0)
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    """Write a ``.safetensors`` file through a temp file in the same folder + rename."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_set_file(path: str, node: str) -> NegationSet:
+    """Load a precomputed set: tensor ``latents`` [N, C, H, W] (raw VAE latents) + metadata."""
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as fh:
+            meta = dict(fh.metadata() or {})
+            if "latents" not in fh.keys():
+                raise NodeInputError(node, f"{os.path.basename(path)} has no tensor named 'latents' (found: "
+                                           f"{', '.join(sorted(fh.keys())) or 'none'}). Save sets with Save Negation Set.")
+            latents = fh.get_tensor("latents")
+    except NodeInputError:
+        raise
+    except _READ_ERRORS as err:
+        raise NodeInputError(node, f"cannot read {os.path.basename(path)} as a safetensors negation set ({err}). "
+                                   "The file is corrupt or not a safetensors file; re-create it.") from err
+    if latents.ndim != 4 or latents.shape[0] < 1 or not latents.is_floating_point():
+        raise NodeInputError(node, f"'latents' in {os.path.basename(path)} has shape {list(latents.shape)} "
+                                   f"and dtype {latents.dtype}; expected a float tensor [N, C, H, W] with N >= 1.")
+    if not torch.isfinite(latents).all():
+        raise NodeInputError(node, f"'latents' in {os.path.basename(path)} contain NaN or infinite values. "
+                                   "Re-encode the set from its images.")
+    declared = meta.get("latent_channels")
+    if declared is not None and declared.isdigit() and int(declared) != latents.shape[1]:
+        raise NodeInputError(node, f"{os.path.basename(path)} declares {declared} latent channels but holds "
+                                   f"{latents.shape[1]}. The file is inconsistent; re-save it.")
+    meta.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    meta.setdefault("source", "precomputed")
+    return NegationSet(latents, meta)
+
+
+def set_metadata(nset: NegationSet) -> dict[str, str]:
+    """String metadata for a saved set."""
+    meta = {k: str(v) for k, v in nset.meta.items() if v is not None}
+    meta.update({"format": "negation_set", "version": str(CACHE_VERSION),
+                 "count": str(nset.count), "latent_channels": str(nset.channels)})
+    return meta
+
+
+def _cache_key(files: list[str], hashes: list[str], vae_fp: str, resolution: int) -> str:
+    payload = json.dumps({"v": CACHE_VERSION, "files": [[os.path.basename(f), h] for f, h in zip(files, hashes)],
+                          "vae": vae_fp, "resolution": resolution, "crop": "center", "seed": ENCODE_SEED})
+    return hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+
+def load_image_folder(folder: str, vae: Any, resolution: int, max_images: int, node: str,
+                      name: str, batch_size: int = 4) -> NegationSet:
+    """Encode (or fetch from the cache) every image in ``folder``.
+
+    The cache lives in ``<folder>/.negation_cache/<key>.safetensors``; the key hashes the image
+    files' contents, the VAE's fingerprint and the encode settings, so any change re-encodes and
+    an unchanged folder never touches the VAE.
+    """
+    if vae is None:
+        raise NodeInputError(node, f"'{name}' is a folder of images: connect the VAE of the model you sample "
+                                   "with so the images can be encoded (only .safetensors sets work without one).")
+    files = image_files(folder)
+    if not files:
+        raise NodeInputError(node, f"the folder '{name}' holds no images ({', '.join(IMAGE_EXTENSIONS)}). "
+                                   "Add images of the content to avoid.")
+    if max_images > 0:
+        files = files[:max_images]
+    hashes = [file_sha256(f) for f in files]
+    key = _cache_key(files, hashes, vae_fingerprint(vae), resolution)
+    cache_path = os.path.join(folder, CACHE_DIRNAME, key + ".safetensors")
+    if os.path.isfile(cache_path):
+        try:
+            cached = read_set_file(cache_path, node)
+            cached.meta.update({"name": name, "source": "cache"})
+            log.info("%s: negation set '%s' loaded from cache %s", node, name, cache_path)
+            return cached
+        except NodeInputError as err:
+            log.warning("%s: cache file %s is unusable (%s); re-encoding the images", node, cache_path, err)
+
+    images, used = [], []
+    for path in files:
+        try:
+            images.append(load_image(path, resolution))
+            used.append(os.path.basename(path))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            log.warning("%s: skipping %s: not a readable image (%s)", node, path, err)
+    if not images:
+        raise NodeInputError(node, f"none of the {len(files)} files in '{name}' could be read as an image. "
+                                   "Replace them with PNG, JPG or WebP files.")
+    stacked = torch.stack(images, 0)
+    latents = encode_batches(vae, stacked.split(batch_size), stacked.shape[0])
+    nset = NegationSet(latents, {"name": name, "source": "images", "images": len(used),
+                                 "encode_resolution": resolution, "vae": vae_fingerprint(vae)[:16]})
+    try:
+        atomic_save({"latents": nset.latents}, set_metadata(nset) | {"files": json.dumps(used)}, cache_path)
+    except OSError as err:
+        log.warning("%s: could not write the cache %s (%s); the set is kept in memory only", node, cache_path, err)
+    return nset

@@ -1,0 +1,327 @@
+"""Safe Denoiser: the model patch (sampler hooks) and the KSampler node.
+
+The hook receives the sampler-space ``x_t``, ``sigma`` and the model's denoised estimate at every
+model evaluation, asks :mod:`kernels.guidance` for the correction and returns the corrected
+estimate; the sampler then steps from it, whichever sampler and scheduler it is.
+
+Where ComfyUI has the pre-CFG hook, the correction is applied there to every prediction (cond and
+uncond) with weights computed from their CFG combination: the correction is affine in the denoised
+estimate with weights that sum to one, so CFG of the corrected predictions equals the corrected
+CFG result, and CFG++ samplers (which step along ``uncond_denoised``) are corrected as well. If a
+custom CFG function (``sampler_cfg_function``) is present, or the hook does not exist (older
+ComfyUI), the correction runs post-CFG instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+import comfy.samplers
+
+from ..kernels.guidance import (
+    ReferenceGate,
+    beta_estimate,
+    kernel_posterior_mean,
+    reference_beta_threshold,
+    reference_correct,
+    reference_kernel_mean,
+    safe_combine,
+)
+from .comfy_compat import (
+    NodeInputError,
+    forward_coefficients,
+    latent_channels,
+    latent_format_key,
+    model_object,
+    percent_to_sigma,
+    supports_pre_cfg,
+)
+from .negation_set import NegationSet
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "safe_denoiser/sampling"
+MODES = ("paper", "reference")
+
+# The official implementation's SD1.4 nudity settings (Safe_Denoiser@223415b).
+REFERENCE_SCALE = 0.33
+REFERENCE_SIGMA = 3.15
+REFERENCE_MARGIN = 1.6
+REFERENCE_QUANTILE = 0.0
+REFERENCE_MAX_CALIBRATION = 1024
+"""Noisy negation latents used to calibrate the reference gate (all of them when fewer)."""
+
+# Defaults: the paper's SD window t in [780, 1000] of 1000 DDPM steps is, in ComfyUI's convention,
+# percent 0 -> 1 - 780/999 = 0.22 (sigma 14.6 -> 4.67 on SD1.x schedules).
+DEFAULT_END_PERCENT = 0.22
+
+
+@dataclass(frozen=True)
+class GuidanceSettings:
+    """User-facing parameters of the Safe Denoiser.
+
+    ``strength`` and ``bandwidth`` are multipliers of each mode's published setting: in ``paper``
+    mode ``eta = strength`` and the kernel width is ``bandwidth * s_t``; in ``reference`` mode the
+    constant scale is ``0.33 * strength`` and the fixed kernel sigma ``3.15 * bandwidth``.
+    """
+
+    mode: str = "paper"
+    strength: float = 1.0
+    bandwidth: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = DEFAULT_END_PERCENT
+    beta_threshold: float = 0.0
+
+    def validate(self, node: str) -> None:
+        if self.mode not in MODES:
+            raise NodeInputError(node, f"mode '{self.mode}' is unknown; choose one of {', '.join(MODES)}.")
+        if not (math.isfinite(self.strength) and self.strength >= 0):
+            raise NodeInputError(node, f"strength {self.strength} must be a finite number >= 0 (0 disables).")
+        if not (math.isfinite(self.bandwidth) and self.bandwidth > 0):
+            raise NodeInputError(node, f"bandwidth {self.bandwidth} must be > 0 (1.0 is the paper's kernel).")
+        if not (0.0 <= self.start_percent <= self.end_percent <= 1.0):
+            raise NodeInputError(node, f"the window start {self.start_percent} / end {self.end_percent} must satisfy "
+                                       "0 <= start <= end <= 1 (0 is the first, noisiest step).")
+        if not (math.isfinite(self.beta_threshold) and self.beta_threshold >= 0):
+            raise NodeInputError(node, f"beta_threshold {self.beta_threshold} must be >= 0.")
+
+
+@dataclass(frozen=True)
+class Correction:
+    """Per-sample correction of a denoised estimate (``beta`` / ``gate`` zero where inactive)."""
+
+    mode: str
+    unsafe_mean: torch.Tensor  # [B, D]
+    weight: torch.Tensor  # paper: beta [B]; reference: gate [B] (bool)
+    scale: float = 0.0
+
+    def apply(self, denoised: torch.Tensor) -> torch.Tensor:
+        if self.mode == "paper":
+            return safe_combine(denoised, self.unsafe_mean, self.weight)
+        return reference_correct(denoised, self.unsafe_mean, self.scale, self.weight)
+
+
+class SafeDenoiserHook:
+    """Holds the negation set and settings; its methods are the registered sampler hooks.
+
+    Shared, never copied, by ``ModelPatcher.clone()`` (``model_options`` is deep-copied there).
+    """
+
+    node = "Safe Denoiser"
+
+    def __init__(self, negation: NegationSet, settings: GuidanceSettings, uses_pre_cfg: bool):
+        self.negation = negation
+        self.settings = settings
+        self.uses_pre_cfg = uses_pre_cfg
+        self.calls = 0
+        self.corrected = 0
+
+    def __deepcopy__(self, memo: dict) -> "SafeDenoiserHook":
+        return self
+
+    # -------------------------------------------------------------- math
+    def _window(self, model_sampling: Any, sigma: torch.Tensor) -> torch.Tensor:
+        hi = percent_to_sigma(model_sampling, self.settings.start_percent)
+        lo = percent_to_sigma(model_sampling, self.settings.end_percent)
+        s = sigma.reshape(-1).to(torch.float64)
+        return (s <= hi * (1 + 1e-6)) & (s >= lo * (1 - 1e-6)) & (s > 0)
+
+    def correction(self, model: Any, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> Optional[Correction]:
+        """The correction for this evaluation, or None when no sample is inside the window."""
+        st = self.settings
+        self.calls += 1
+        if st.strength == 0:
+            return None
+        ms = model.model_sampling
+        active = self._window(ms, sigma).to(x.device)
+        if active.numel() == 1 and x.shape[0] > 1:
+            active = active.expand(x.shape[0])
+        if not bool(active.any()):
+            return None
+        if x.ndim != 4:
+            raise NodeInputError(self.node, f"latents of shape {list(x.shape)} are not supported (image latents "
+                                            "[B, C, H, W] only; video models are not).")
+        if x.shape[1] != self.negation.channels:
+            raise NodeInputError(self.node, channel_mismatch(self.negation, x.shape[1]))
+        bsz, _, height, width = x.shape
+        storage = x.dtype if (x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16)) else torch.float32
+        xf, df = x.reshape(bsz, -1), denoised.reshape(bsz, -1)
+        self.corrected += 1
+        lf = model.latent_format
+        if st.mode == "paper":
+            prep = self.negation.prepared(lf, height, width, x.device, storage, "paper")
+            alpha, std = (t.to(x.device) for t in forward_coefficients(ms, sigma.reshape(-1).expand(bsz)))
+            km = kernel_posterior_mean(xf, prep.y, alpha, std, st.bandwidth, y_sq=prep.y_sq)
+            beta = beta_estimate(km.log_norm, xf, df, alpha, std, st.bandwidth, eta=st.strength)
+            beta = torch.where(active & (beta >= st.beta_threshold), beta, torch.zeros_like(beta))
+            log.debug("Safe Denoiser: sigma %.4g beta %s", float(sigma.reshape(-1)[0]), beta.tolist())
+            return Correction("paper", km.mean, beta)
+        prep = self.negation.prepared(lf, height, width, x.device, storage, "reference")
+        ksigma = REFERENCE_SIGMA * st.bandwidth
+        gate = ReferenceGate(self._reference_threshold(ms, lf, height, width, prep.y, ksigma), REFERENCE_MARGIN)
+        km = reference_kernel_mean(df, prep.y, ksigma, y_sq=prep.y_sq)
+        is_open = gate.open(km.log_norm) & active
+        log.debug("Safe Denoiser (reference): sigma %.4g gate %s", float(sigma.reshape(-1)[0]), is_open.tolist())
+        return Correction("reference", km.mean, is_open, REFERENCE_SCALE * st.strength)
+
+    def _reference_threshold(self, ms: Any, lf: Any, height: int, width: int, y: torch.Tensor, ksigma: float) -> float:
+        """The official calibrated gate threshold, memoised on the negation set."""
+        sigma1 = percent_to_sigma(ms, 0.999)  # ~ the smallest DDPM timestep the official code used
+        alpha, std = forward_coefficients(ms, torch.tensor([sigma1]))
+        norm = math.sqrt(float(alpha) ** 2 + float(std) ** 2)  # VP form of the noisy latents
+        key = ("reference_threshold", latent_format_key(lf), height, width, ksigma, round(sigma1, 8))
+
+        def build() -> float:
+            sample = y[:REFERENCE_MAX_CALIBRATION]
+            thr = reference_beta_threshold(sample, ksigma, float(alpha) / norm, float(std) / norm, REFERENCE_QUANTILE)
+            log.info("Safe Denoiser (reference): gate threshold %.4g (minus margin %.2g) for %s",
+                     thr, REFERENCE_MARGIN, self.negation.describe())
+            return thr
+
+        return self.negation.memo(key, build)
+
+    # -------------------------------------------------------------- hooks
+    def pre_cfg(self, args: dict) -> list:
+        """``sampler_pre_cfg_function``: correct every prediction with the CFG-combined weights."""
+        out = args["conds_out"]
+        if "sampler_cfg_function" in args.get("model_options", {}) or not out or out[0] is None:
+            return out
+        x, sigma = args["input"], args["sigma"]
+        uncond = out[1] if len(out) > 1 else None
+        combined = out[0] if uncond is None else uncond + (out[0] - uncond) * args["cond_scale"]
+        corr = self.correction(args["model"], x, combined, sigma)
+        if corr is None:
+            return out
+        return [None if o is None else corr.apply(o) for o in out]
+
+    def post_cfg(self, args: dict) -> torch.Tensor:
+        """``sampler_post_cfg_function``: correct the CFG result (when pre-CFG did not)."""
+        denoised = args["denoised"]
+        if self.uses_pre_cfg and "sampler_cfg_function" not in args.get("model_options", {}):
+            return denoised
+        corr = self.correction(args["model"], args["input"], denoised, args["sigma"])
+        return denoised if corr is None else corr.apply(denoised)
+
+
+def channel_mismatch(negation: NegationSet, model_channels: int) -> str:
+    """The error text for a set encoded by a VAE of another latent family."""
+    return (f"the negation set {negation.describe()} has {negation.channels}-channel latents but this model samples "
+            f"{model_channels}-channel latents (4 = SD1.x/SDXL, 16 = SD3/Flux). Re-encode the set with the "
+            "VAE of the model you sample with (Load Negation Set with that VAE connected).")
+
+
+def patch_model(model: Any, negation: NegationSet, settings: GuidanceSettings, node: str) -> Any:
+    """A clone of ``model`` with the Safe Denoiser hooks registered; ``model`` is not modified."""
+    if not isinstance(negation, NegationSet):
+        raise NodeInputError(node, f"negation_set must come from a Load Negation Set node, got {type(negation).__name__}.")
+    settings.validate(node)
+    lf = model_object(model, "latent_format")
+    channels = latent_channels(lf, default=negation.channels)
+    if channels != negation.channels:
+        raise NodeInputError(node, channel_mismatch(negation, channels))
+    patched = model.clone()
+    hook = SafeDenoiserHook(negation, settings, supports_pre_cfg(patched))
+    if hook.uses_pre_cfg:
+        patched.set_model_sampler_pre_cfg_function(hook.pre_cfg)
+    patched.set_model_sampler_post_cfg_function(hook.post_cfg)
+    return patched
+
+
+# ------------------------------------------------------------------------------ nodes
+
+def guidance_inputs() -> dict:
+    """The guidance parameters shared by the patch node and the KSampler node."""
+    return {
+        "negation_set": ("NEGATION_SET", {"tooltip": "Latents of the content to avoid, from Load Negation Set."}),
+        "mode": (list(MODES), {"default": "paper", "tooltip":
+                 "paper: Eq. 4-7 of Kim et al. (kernel on the noisy sample x_t with the model's own alpha/sigma, "
+                 "weight eta*beta(x_t)). reference: the official code's arithmetic (kernel on the denoised "
+                 "estimate, fixed sigma 3.15, constant scale 0.33, calibrated gate), for matching published numbers."}),
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip":
+                     "How hard to push away from the negation set. paper: eta (1.0 = use the estimated posterior "
+                     "odds as is). reference: multiplies the official scale 0.33. 0 disables the guidance."}),
+        "bandwidth": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 100.0, "step": 0.05, "tooltip":
+                      "Kernel width multiplier. paper: 1.0 is the exact Gaussian posterior of Eq. 6 (kernel std = "
+                      "the noise level); larger values smooth the set (useful for small sets of large images). "
+                      "reference: multiplies the official fixed sigma 3.15."}),
+        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                          "Start of the guided part of the schedule (0 = first, noisiest step)."}),
+        "end_percent": ("FLOAT", {"default": DEFAULT_END_PERCENT, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                        "End of the guided part. 0.22 is the paper's window t in [780, 1000] for SD (sigma >= 4.67): "
+                        "the correction matters at high noise, where the image's content is decided."}),
+        "beta_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip":
+                           "paper mode: skip the correction for samples whose eta*beta(x_t) is below this value "
+                           "(0 = always correct inside the window). reference mode uses the official calibrated "
+                           "gate instead."}),
+    }
+
+
+def settings_from(kwargs: dict) -> GuidanceSettings:
+    return GuidanceSettings(mode=kwargs["mode"], strength=float(kwargs["strength"]), bandwidth=float(kwargs["bandwidth"]),
+                            start_percent=float(kwargs["start_percent"]), end_percent=float(kwargs["end_percent"]),
+                            beta_threshold=float(kwargs["beta_threshold"]))
+
+
+class SafeDenoiserPatch:
+    """MODEL + NEGATION_SET -> MODEL with the Safe Denoiser hooks (works with any sampler node)."""
+
+    DESCRIPTION = ("Makes any sampler avoid the content of a negation set (training-free safe denoiser, Kim et al. "
+                   "NeurIPS 2025): at every step the model's denoised estimate is corrected with a kernel-weighted "
+                   "average of the negation latents. Connect the output MODEL to KSampler, KSamplerAdvanced, "
+                   "SamplerCustom or SamplerCustomAdvanced.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with the Safe Denoiser applied at every sampling step.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"model": ("MODEL", {"tooltip": "The diffusion model to make safe (not modified: a patched copy is returned)."}),
+                             **guidance_inputs()}}
+
+    def patch(self, model, **kwargs):
+        return (patch_model(model, kwargs.pop("negation_set"), settings_from(kwargs), "Safe Denoiser (model patch)"),)
+
+
+class SafeDenoiserKSampler:
+    """KSampler with the Safe Denoiser built in."""
+
+    DESCRIPTION = ("A KSampler that steers generation away from a negation set (training-free safe denoiser, "
+                   "Kim et al. NeurIPS 2025). Same inputs as KSampler plus the negation set and the guidance "
+                   "parameters; works with every sampler and scheduler and with EPS, v-prediction and flow models.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "The random seed used for creating the noise."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "The number of denoising steps."}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale."}),
+            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm."}),
+            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
+            "positive": ("CONDITIONING", {"tooltip": "What to include in the image."}),
+            "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image (text-based; the negation set "
+                                                     "acts on the image content itself)."}),
+            "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                  "tooltip": "The amount of denoising (lower keeps more of the input latent)."}),
+            **guidance_inputs(),
+        }}
+
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, **kwargs):
+        import nodes as comfy_nodes  # ComfyUI's nodes.py (absolute import, not this package)
+
+        patched = patch_model(model, kwargs.pop("negation_set"), settings_from(kwargs), "Safe Denoiser KSampler")
+        return comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                           latent_image, denoise=denoise)

@@ -1,0 +1,200 @@
+"""Exactness and robustness of kernels/guidance.py against closed forms (pure torch, CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "kernels" / "guidance.py"
+_spec = importlib.util.spec_from_file_location("sdn_kernels_guidance", _PATH)
+G = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = G
+_spec.loader.exec_module(G)
+
+PARAMETERISATIONS = {
+    "eps_ve": lambda sigma: (1.0, sigma),  # EPS / V-prediction in ComfyUI's k-diffusion space
+    "flow": lambda sigma: (1.0 - sigma, sigma),  # CONST (rectified flow)
+}
+
+
+def naive_posterior(x, pts, alpha, std):
+    """Direct float64 posterior mean of an empirical distribution: the closed form."""
+    d2 = ((x[:, None, :] - alpha[:, None, None] * pts[None]) ** 2).sum(-1)
+    logk = -d2 / (2 * std[:, None] ** 2)
+    w = torch.softmax(logk, 1)
+    return w @ pts, torch.logsumexp(logk, 1)
+
+
+def point_problem(seed, dim=48, n_points=30, n_unsafe=9, batch=6):
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.randn(n_points, dim, generator=g, dtype=torch.float64)
+    unsafe, safe = pts[:n_unsafe], pts[n_unsafe:]
+    return g, pts, unsafe, safe, batch
+
+
+@pytest.mark.parametrize("param", sorted(PARAMETERISATIONS))
+@pytest.mark.parametrize("sigma", [0.3, 0.9, 3.0])
+def test_eq4_with_exact_beta_gives_safe_posterior_mean(param, sigma):
+    """Eq. 4 with beta* = sum_U k / sum_{S\\U} k equals the posterior mean over S\\U exactly.
+
+    The identity is exact, its float64 evaluation loses about log10(1 + beta*) digits (it
+    recovers E_safe from E_data - E_unsafe), so samples are drawn where beta* <= 1e6: all noise
+    levels for points of S\\U, and for points of U only where the noise hides them.
+    """
+    g, pts, unsafe, safe, _ = point_problem(1)
+    batch = 12
+    a, s = PARAMETERISATIONS[param](sigma)
+    std = torch.full((batch,), s, dtype=torch.float64) * torch.linspace(0.8, 1.2, batch, dtype=torch.float64)
+    alpha = torch.full((batch,), a, dtype=torch.float64) if param == "eps_ve" else 1.0 - std
+    x0 = pts[torch.randint(0, pts.shape[0], (batch,), generator=g)]
+    x = alpha[:, None] * x0 + std[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+
+    data = G.kernel_posterior_mean(x, pts, alpha, std)
+    neg = G.kernel_posterior_mean(x, unsafe, alpha, std, chunk=4)
+    pos = G.kernel_posterior_mean(x, safe, alpha, std)
+    beta_star = torch.exp(neg.log_norm - pos.log_norm)
+    combined = G.safe_combine(data.mean, neg.mean, beta_star)
+
+    expected, _ = naive_posterior(x, safe, alpha, std)
+    keep = beta_star <= 1e6
+    assert keep.sum() >= batch // 2
+    rel = (combined - expected).norm(dim=1) / expected.norm(dim=1)
+    assert rel[keep].max().item() <= 1e-6
+    # and the pieces themselves match their closed forms
+    exp_u, exp_lse = naive_posterior(x, unsafe, alpha, std)
+    assert torch.allclose(neg.mean, exp_u, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(neg.log_norm, exp_lse, rtol=1e-10, atol=1e-8)
+
+
+def test_chunked_equals_single_pass_and_no_bxnxd():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=g, dtype=torch.float64) * 3
+    y = torch.randn(1000, 64, generator=g, dtype=torch.float64)
+    one = G.kernel_posterior_mean(x, y, 1.0, 2.0, chunk=10_000)
+    many = G.kernel_posterior_mean(x, y, 1.0, 2.0, chunk=33)
+    assert torch.allclose(one.mean, many.mean, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(one.log_norm, many.log_norm, rtol=1e-12, atol=1e-10)
+
+
+def test_bandwidth_scales_the_kernel_std():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 16, generator=g, dtype=torch.float64)
+    wide = G.kernel_posterior_mean(x, y, 1.0, 0.5, bandwidth=3.0)
+    same = G.kernel_posterior_mean(x, y, 1.0, 1.5)
+    assert torch.allclose(wide.mean, same.mean, rtol=1e-12, atol=1e-12)
+
+
+def test_beta_estimate_closed_form():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 12, generator=g, dtype=torch.float64) * 0.5
+    den = torch.randn(4, 12, generator=g, dtype=torch.float64) * 0.5
+    a, s, h, eta = 0.7, torch.tensor([0.9, 1.0, 1.1, 1.3], dtype=torch.float64), 1.5, 0.8
+    km = G.kernel_posterior_mean(x, y, a, s, bandwidth=h)
+    beta = G.beta_estimate(km.log_norm, x, den, a, s, bandwidth=h, eta=eta)
+    var = 2 * (h * s) ** 2
+    num = torch.exp(-((x[:, None] - a * y[None]) ** 2).sum(-1) / var[:, None]).sum(1)
+    dat = torch.exp(-((x - a * den) ** 2).sum(-1) / var)
+    assert torch.allclose(beta, eta * num / dat, rtol=1e-10)
+    assert torch.all(G.beta_estimate(km.log_norm, x, den, a, s, bandwidth=h, eta=0.0) == 0)
+
+
+def test_beta_estimate_tracks_posterior_probability_of_unsafe_at_low_noise():
+    """For a memorised point set, beta -> P(unsafe | x_t): ~1 near U, ~0 near S\\U."""
+    g, pts, unsafe, safe, _ = point_problem(6, dim=64)
+    s = torch.tensor([0.05, 0.05], dtype=torch.float64)
+    x = torch.stack([unsafe[0], safe[0]]) + 0.05 * torch.randn(2, 64, generator=g, dtype=torch.float64)
+    data = G.kernel_posterior_mean(x, pts, 1.0, s)
+    km = G.kernel_posterior_mean(x, unsafe, 1.0, s)
+    beta = G.beta_estimate(km.log_norm, x, data.mean, 1.0, s)
+    assert abs(beta[0].item() - 1.0) < 1e-3 and beta[1].item() < 1e-6
+
+
+def official_kernel_fast(x0, ref, sigma, eps=1e-8):
+    """The official construction (Safe_Denoiser@223415b kernel_fast): cdist + repeat to D+1."""
+    n, d = x0.shape
+    m = ref.shape[0]
+    kernel = -(torch.cdist(x0[None], ref[None])[0]).reshape(n, m, 1).repeat(1, 1, d + 1) / (2.0 * sigma ** 2)
+    ones = torch.ones(m, 1, dtype=ref.dtype)
+    kernel = (kernel.exp() * torch.cat((ref, ones), 1).reshape(1, -1, d + 1)).sum(1)
+    denominator = kernel[:, -1:] + eps
+    return kernel[:, :-1] / denominator, denominator[:, 0]
+
+
+def test_reference_mode_matches_official_construction():
+    g = torch.Generator().manual_seed(7)
+    lat = torch.randn(40, 4, 6, 6, generator=g, dtype=torch.float64)
+    ref = G.channel_normalise(lat).reshape(40, -1)
+    assert torch.allclose(torch.linalg.vector_norm(G.channel_normalise(lat), dim=1), torch.ones(40, 6, 6, dtype=torch.float64))
+    x0 = torch.randn(3, 144, generator=g, dtype=torch.float64) * 0.8
+    for sigma in (1.0, 3.15):
+        km = G.reference_kernel_mean(x0, ref, sigma, chunk=7)
+        exp_mean, exp_den = official_kernel_fast(x0, ref, sigma)
+        assert torch.allclose(km.mean, exp_mean, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(torch.exp(km.log_norm) + G.REFERENCE_EPS, exp_den, rtol=1e-6)
+        out = G.reference_correct(x0, km.mean, 0.33, torch.tensor([True, False, True]))
+        assert torch.allclose(out[0], x0[0] - 0.33 * exp_mean[0]) and torch.equal(out[1], x0[1])
+
+
+def test_reference_threshold_matches_direct_computation():
+    g = torch.Generator().manual_seed(8)
+    ref = G.channel_normalise(torch.randn(25, 4, 4, 4, generator=g)).reshape(25, -1).double()
+    thr = G.reference_beta_threshold(ref, 3.15, 0.999, 0.04, quantile=0.0, seed=42, chunk=6)
+    gen = torch.Generator().manual_seed(42)
+    noisy = torch.cat([0.999 * c + 0.04 * torch.randn(c.shape, generator=gen, dtype=torch.float32).double()
+                       for c in ref.split(6)])
+    direct = torch.exp(-torch.cdist(noisy, ref) / (2 * 3.15 ** 2)).sum(1) + 1e-8
+    assert thr == pytest.approx(direct.min().item(), rel=1e-9)
+    gate = G.ReferenceGate(thr, 1.6)
+    assert gate.open(torch.log(torch.tensor([thr - 1.5, thr - 1.7], dtype=torch.float64))).tolist() == [True, False]
+
+
+def test_huge_distances_stay_finite():
+    g = torch.Generator().manual_seed(9)
+    y = torch.randn(50, 256, generator=g)
+    x = torch.randn(3, 256, generator=g) * 1e4
+    km = G.kernel_posterior_mean(x, y, 1.0, torch.tensor([1e-3, 1.0, 1e3]))
+    assert torch.isfinite(km.mean).all() and torch.isfinite(km.log_norm).all()
+    beta = G.beta_estimate(km.log_norm, x, torch.zeros_like(x), 1.0, torch.tensor([1e-3, 1.0, 1e3]))
+    assert torch.isfinite(beta).all() and (beta >= 0).all()
+    out = G.safe_combine(torch.zeros(3, 256), km.mean, beta)
+    assert torch.isfinite(out).all()
+    ref = G.reference_kernel_mean(x, G.channel_normalise(y.reshape(50, 4, 8, 8)).reshape(50, -1), 3.15)
+    assert torch.isfinite(ref.mean).all() and torch.all(ref.mean == 0)  # kernel sum underflows -> no correction
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_fp32(dtype):
+    g = torch.Generator().manual_seed(10)
+    y = torch.randn(300, 64, generator=g)
+    x = torch.randn(4, 64, generator=g) * 2
+    exact = G.kernel_posterior_mean(x.double(), y.double(), 1.0, 2.0)
+    half = G.kernel_posterior_mean(x.to(dtype), y.to(dtype), 1.0, 2.0, chunk=64)
+    assert half.mean.dtype == torch.float32
+    assert torch.isfinite(half.mean).all()
+    # errors come only from rounding the inputs to half precision
+    rounded = G.kernel_posterior_mean(x.to(dtype).double(), y.to(dtype).double(), 1.0, 2.0)
+    assert torch.allclose(half.mean.double(), rounded.mean, rtol=1e-4, atol=1e-4)
+    assert (half.mean.double() - exact.mean).abs().max() < 0.1
+    out = G.safe_combine(x.to(dtype), half.mean, torch.ones(4))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_hundred_thousand_latents_chunked():
+    g = torch.Generator().manual_seed(11)
+    n, d = 100_000, 64
+    y = torch.randn(n, d, generator=g)
+    x = y[:4] * 1.0 + 0.01 * torch.randn(4, d, generator=g)
+    km = G.kernel_posterior_mean(x, y, 1.0, 0.01, chunk=8192)
+    assert torch.isfinite(km.mean).all() and torch.isfinite(km.log_norm).all()
+    # at tiny noise the posterior mean snaps to the nearest latent
+    assert torch.allclose(km.mean, y[:4], atol=1e-3)
+    sub = G.kernel_posterior_mean(x, y, 1.0, 50.0, chunk=8192)
+    assert torch.allclose(sub.mean, y.mean(0, keepdim=True).expand(4, d), atol=0.05)
+    assert math.isfinite(float(sub.log_norm[0]))
