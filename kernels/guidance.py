@@ -166,7 +166,6 @@ def beta_estimate(
     std: torch.Tensor | float,
     bandwidth: float = 1.0,
     eta: float = 1.0,
-    max_beta: float = 1.0e4,
 ) -> torch.Tensor:
     """Practical ``eta * beta(x_t)`` (Eq. 7) in a dimension-free form.
 
@@ -177,11 +176,14 @@ def beta_estimate(
     Laplace (single-point) approximation of the data density at ``x_t``, a Gaussian centred on
     the model's own denoised estimate, ``p_data,t(x_t) ~ N(x_t; a x0_hat, h^2 s^2 I)``::
 
-        beta(x_t) = sum_n k(x_t, y_n) / k(x_t, x0_hat),   k(x, y) = exp(-||x - a y||^2 / (2 h^2 s^2))
+        beta(x_t) = min(1, sum_n k(x_t, y_n) / k(x_t, x0_hat)),   k(x, y) = exp(-||x - a y||^2 / (2 h^2 s^2))
 
-    Both kernels share the normalisation, which cancels.  ``beta`` is an estimate of the posterior
+    Both kernels share the normalisation, which cancels.  The ratio estimates the posterior
     probability of the unsafe part, ``Z_u p_unsafe,t / p_data,t``: it tends to 1 for a trajectory
-    that heads into the negation set and to 0 for one that heads elsewhere.
+    that heads into the negation set and to 0 for one that heads elsewhere.  It is clipped to 1
+    because it estimates a probability: values above 1 only mean that several data points share
+    the posterior (high noise, low dimension), where the single-point approximation undercounts
+    the data and an unclipped ratio would grow with the size of the negation set.
 
     Args:
         log_norm: ``[B]`` from :func:`kernel_posterior_mean` (same ``alpha``, ``std``, ``bandwidth``).
@@ -189,11 +191,10 @@ def beta_estimate(
         denoised: ``[B, D]`` the model's denoised estimate ``E_data[x0|x_t]``.
         alpha, std: forward-process coefficients, scalar or ``[B]``.
         bandwidth: ``h``, as used for ``log_norm``.
-        eta: the strength ``eta`` of Eq. 7.
-        max_beta: numerical ceiling on the returned value.
+        eta: the strength ``eta`` of Eq. 7 (the largest weight the correction can take).
 
     Returns:
-        ``[B]`` ``eta * beta(x_t)``, clamped to ``[0, max_beta]``.
+        ``[B]`` ``eta * beta(x_t)`` in ``[0, eta]`` (0 where an input is not finite).
     """
     cdt = log_norm.dtype
     bsz = x.shape[0]
@@ -201,9 +202,9 @@ def beta_estimate(
     s = _per_sample(std, bsz, cdt, log_norm.device)
     resid = x.to(cdt) - a[:, None] * denoised.to(cdt)
     log_data = -(resid * resid).sum(1) / (2.0 * (bandwidth * s) ** 2)
-    log_beta = log_norm - log_data + math.log(max(eta, 1e-300))
-    beta = torch.exp(log_beta.clamp(max=math.log(max_beta)))
-    return torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta)) if eta > 0 else torch.zeros_like(beta)
+    ratio = torch.exp((log_norm - log_data).clamp(max=0.0))
+    beta = eta * ratio
+    return torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
 
 
 def safe_combine(denoised: torch.Tensor, unsafe_mean: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -308,6 +309,7 @@ def reference_beta_threshold(
     quantile: float = 0.0,
     seed: int = 42,
     chunk: int = DEFAULT_CHUNK,
+    max_queries: Optional[int] = None,
 ) -> float:
     """Official ``beta_threshold``: the ``quantile`` of ``sum_n k(x_m, y_n) + 1e-8`` over noisy
     copies ``x_m = noise_alpha * y_m + noise_std * eps`` of the negation latents themselves
@@ -319,6 +321,8 @@ def reference_beta_threshold(
         noise_alpha, noise_std: VP coefficients of the near-clean noise level.
         quantile: in ``[0, 1]``.
         seed: generator seed for the noise.
+        max_queries: use noisy copies of only the first ``max_queries`` latents (the kernel sums
+            still run over the whole set); ``None`` uses all of them, as the official code does.
 
     Returns:
         The threshold as a Python float.
@@ -326,8 +330,9 @@ def reference_beta_threshold(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     cdt = compute_dtype(y)
     vals = []
-    for start in range(0, y.shape[0], chunk):
-        yc = y[start:start + chunk].to(cdt)
+    n_queries = y.shape[0] if max_queries is None else min(max_queries, y.shape[0])
+    for start in range(0, n_queries, chunk):
+        yc = y[start:min(start + chunk, n_queries)].to(cdt)
         noise = torch.randn(yc.shape, generator=gen, dtype=torch.float32).to(device=yc.device, dtype=cdt)
         noisy = noise_alpha * yc + noise_std * noise
         lse = torch.full((yc.shape[0],), -math.inf, dtype=cdt, device=yc.device)

@@ -59,15 +59,19 @@ REFERENCE_MAX_CALIBRATION = 1024
 # Defaults: the paper's SD window t in [780, 1000] of 1000 DDPM steps is, in ComfyUI's convention,
 # percent 0 -> 1 - 780/999 = 0.22 (sigma 14.6 -> 4.67 on SD1.x schedules).
 DEFAULT_END_PERCENT = 0.22
+# paper-mode eta at strength 1.0: the correction weight for a trajectory that the estimate places
+# fully in the negation set (beta(x_t) -> 1); README "Choosing the defaults" gives the measurements.
+PAPER_ETA = 4.0
 
 
 @dataclass(frozen=True)
 class GuidanceSettings:
     """User-facing parameters of the Safe Denoiser.
 
-    ``strength`` and ``bandwidth`` are multipliers of each mode's published setting: in ``paper``
-    mode ``eta = strength`` and the kernel width is ``bandwidth * s_t``; in ``reference`` mode the
-    constant scale is ``0.33 * strength`` and the fixed kernel sigma ``3.15 * bandwidth``.
+    ``strength`` and ``bandwidth`` multiply each mode's default, so 1.0 is always the default: in
+    ``paper`` mode ``eta = 4.0 * strength`` and the kernel width is ``bandwidth * s_t`` (1.0 = the
+    exact Eq. 6 kernel); in ``reference`` mode the constant scale is ``0.33 * strength`` and the
+    fixed kernel sigma ``3.15 * bandwidth`` (the official SD1.4 nudity settings).
     """
 
     mode: str = "paper"
@@ -157,7 +161,7 @@ class SafeDenoiserHook:
             prep = self.negation.prepared(lf, height, width, x.device, storage, "paper")
             alpha, std = (t.to(x.device) for t in forward_coefficients(ms, sigma.reshape(-1).expand(bsz)))
             km = kernel_posterior_mean(xf, prep.y, alpha, std, st.bandwidth, y_sq=prep.y_sq)
-            beta = beta_estimate(km.log_norm, xf, df, alpha, std, st.bandwidth, eta=st.strength)
+            beta = beta_estimate(km.log_norm, xf, df, alpha, std, st.bandwidth, eta=PAPER_ETA * st.strength)
             beta = torch.where(active & (beta >= st.beta_threshold), beta, torch.zeros_like(beta))
             log.debug("Safe Denoiser: sigma %.4g beta %s", float(sigma.reshape(-1)[0]), beta.tolist())
             return Correction("paper", km.mean, beta)
@@ -177,8 +181,8 @@ class SafeDenoiserHook:
         key = ("reference_threshold", latent_format_key(lf), height, width, ksigma, round(sigma1, 8))
 
         def build() -> float:
-            sample = y[:REFERENCE_MAX_CALIBRATION]
-            thr = reference_beta_threshold(sample, ksigma, float(alpha) / norm, float(std) / norm, REFERENCE_QUANTILE)
+            thr = reference_beta_threshold(y, ksigma, float(alpha) / norm, float(std) / norm, REFERENCE_QUANTILE,
+                                           max_queries=REFERENCE_MAX_CALIBRATION)
             log.info("Safe Denoiser (reference): gate threshold %.4g (minus margin %.2g) for %s",
                      thr, REFERENCE_MARGIN, self.negation.describe())
             return thr
@@ -243,8 +247,10 @@ def guidance_inputs() -> dict:
                  "weight eta*beta(x_t)). reference: the official code's arithmetic (kernel on the denoised "
                  "estimate, fixed sigma 3.15, constant scale 0.33, calibrated gate), for matching published numbers."}),
         "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip":
-                     "How hard to push away from the negation set. paper: eta (1.0 = use the estimated posterior "
-                     "odds as is). reference: multiplies the official scale 0.33. 0 disables the guidance."}),
+                     "How hard to push away from the negation set, as a multiple of the mode's default (1.0). "
+                     "paper: eta = 4 x strength, the weight of the Eq. 4 correction for a sample the estimate "
+                     "places fully in the negation set. reference: scale = 0.33 x strength (the official value). "
+                     "0 disables the guidance."}),
         "bandwidth": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 100.0, "step": 0.05, "tooltip":
                       "Kernel width multiplier. paper: 1.0 is the exact Gaussian posterior of Eq. 6 (kernel std = "
                       "the noise level); larger values smooth the set (useful for small sets of large images). "

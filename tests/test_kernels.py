@@ -96,12 +96,14 @@ def test_beta_estimate_closed_form():
     y = torch.randn(7, 12, generator=g, dtype=torch.float64) * 0.5
     den = torch.randn(4, 12, generator=g, dtype=torch.float64) * 0.5
     a, s, h, eta = 0.7, torch.tensor([0.9, 1.0, 1.1, 1.3], dtype=torch.float64), 1.5, 0.8
+    den[:2] = x[:2] / a  # x0_hat explains x_t perfectly: the ratio is small there
     km = G.kernel_posterior_mean(x, y, a, s, bandwidth=h)
     beta = G.beta_estimate(km.log_norm, x, den, a, s, bandwidth=h, eta=eta)
     var = 2 * (h * s) ** 2
     num = torch.exp(-((x[:, None] - a * y[None]) ** 2).sum(-1) / var[:, None]).sum(1)
     dat = torch.exp(-((x - a * den) ** 2).sum(-1) / var)
-    assert torch.allclose(beta, eta * num / dat, rtol=1e-10)
+    assert torch.allclose(beta, eta * torch.clamp(num / dat, max=1.0), rtol=1e-10)
+    assert (beta < eta).any() and (beta <= eta).all()
     assert torch.all(G.beta_estimate(km.log_norm, x, den, a, s, bandwidth=h, eta=0.0) == 0)
 
 
@@ -151,6 +153,9 @@ def test_reference_threshold_matches_direct_computation():
                        for c in ref.split(6)])
     direct = torch.exp(-torch.cdist(noisy, ref) / (2 * 3.15 ** 2)).sum(1) + 1e-8
     assert thr == pytest.approx(direct.min().item(), rel=1e-9)
+    # calibrating on the first 12 noisy copies still sums the kernel over the whole set
+    part = G.reference_beta_threshold(ref, 3.15, 0.999, 0.04, quantile=0.0, seed=42, chunk=6, max_queries=12)
+    assert part == pytest.approx(direct[:12].min().item(), rel=1e-9)
     gate = G.ReferenceGate(thr, 1.6)
     assert gate.open(torch.log(torch.tensor([thr - 1.5, thr - 1.7], dtype=torch.float64))).tolist() == [True, False]
 
