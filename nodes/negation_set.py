@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -20,7 +19,6 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 import safetensors
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,6 +27,9 @@ import folder_paths
 
 from ..kernels.guidance import channel_normalise
 from .comfy_compat import NodeInputError, check_interrupt, latent_format_key, process_in, progress_bar
+from .paths import atomic_save, inside_root, register_model_folder
+
+__all__ = ["atomic_save"]  # re-exported: negation_set_nodes imports it from here
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +48,7 @@ MAX_PREPARED = 4
 
 def register_folder() -> None:
     """Register ``models/negation_sets`` (keeping dirs that extra_model_paths.yaml added)."""
-    default = os.path.join(folder_paths.models_dir, FOLDER_NAME)
-    entry = folder_paths.folder_names_and_paths.get(FOLDER_NAME)
-    if entry is None:
-        folder_paths.folder_names_and_paths[FOLDER_NAME] = ([default], {".safetensors"})
-        return
-    paths, exts = entry
-    if default not in paths:
-        paths.append(default)
-    if ".safetensors" not in exts:
-        exts = set(exts) | {".safetensors"}
-        folder_paths.folder_names_and_paths[FOLDER_NAME] = (paths, exts)
+    register_model_folder(FOLDER_NAME, {".safetensors"})
 
 
 def set_roots() -> list[str]:
@@ -189,12 +180,7 @@ def list_set_names() -> list[str]:
 
 def _inside(root: str, rel: str, node: str) -> Optional[str]:
     """``root/rel`` resolved, or None when absent; raises when it escapes ``root``."""
-    real_root = os.path.realpath(root)
-    candidate = os.path.realpath(os.path.join(real_root, rel))
-    if os.path.commonpath([real_root, candidate]) != real_root:
-        raise NodeInputError(node, f"the set '{rel}' resolves outside {real_root} (a '..' or a symlink "
-                                   "pointing elsewhere). Put the images inside the folder itself.")
-    return candidate if os.path.exists(candidate) else None
+    return inside_root(root, rel, node, what="the set", fix="Put the images inside the folder itself.")
 
 
 def resolve_set(name: str, node: str) -> str:
@@ -325,7 +311,7 @@ def encode_batches(vae: Any, batches: Iterable[torch.Tensor], total: int) -> tor
     pbar = progress_bar(total)
     out = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(ENCODE_SEED)
         for batch in batches:
             check_interrupt()
@@ -336,20 +322,6 @@ def encode_batches(vae: Any, batches: Iterable[torch.Tensor], total: int) -> tor
 
 
 # ------------------------------------------------------------------------------ files
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
-    """Write a ``.safetensors`` file through a temp file in the same folder + rename."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_set_file(path: str, node: str) -> NegationSet:
