@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import numpy as np
 import safetensors
@@ -27,7 +27,7 @@ import folder_paths
 
 from ..kernels.guidance import channel_normalise
 from .comfy_compat import NodeInputError, check_interrupt, latent_format_key, process_in, progress_bar
-from .paths import atomic_save, inside_root, register_model_folder
+from .paths import atomic_save, register_model_folder, resolve_in_roots
 
 __all__ = ["atomic_save"]  # re-exported: negation_set_nodes imports it from here
 
@@ -178,31 +178,15 @@ def list_set_names() -> list[str]:
     return names
 
 
-def _inside(root: str, rel: str, node: str) -> Optional[str]:
-    """``root/rel`` resolved, or None when absent; raises when it escapes ``root``."""
-    return inside_root(root, rel, node, what="the set", fix="Put the images inside the folder itself.")
-
-
 def resolve_set(name: str, node: str) -> str:
     """Absolute path of a dropdown entry, refusing anything outside the allowed roots."""
-    if not isinstance(name, str) or not name.strip():
-        raise NodeInputError(node, "no negation set chosen. Pick a folder or .safetensors file from "
-                                   f"models/{FOLDER_NAME}/ or a sub-folder of the input directory.")
-    rel = name.replace("\\", "/")
-    if rel.startswith(INPUT_PREFIX):
+    fix = (f"Put the set (a folder of images or a .safetensors file) into models/{FOLDER_NAME}/ or a sub-folder "
+           "of the input directory, refresh the browser and choose it from the list.")
+    rel = name.replace("\\", "/") if isinstance(name, str) else name
+    roots = set_roots()
+    if isinstance(rel, str) and rel.startswith(INPUT_PREFIX):
         rel, roots = rel[len(INPUT_PREFIX):], [folder_paths.get_input_directory()]
-    else:
-        roots = set_roots()
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if os.path.isabs(rel) or ".." in parts or not parts:
-        raise NodeInputError(node, f"'{name}' is not a set name: absolute paths and '..' are refused. "
-                                   f"Put the set into models/{FOLDER_NAME}/ and choose it from the list.")
-    for root in roots:
-        found = _inside(root, "/".join(parts), node)
-        if found is not None:
-            return found
-    raise NodeInputError(node, f"negation set '{name}' was not found in {', '.join(roots)}. Add a folder of "
-                               f"images or a .safetensors set there (then refresh the browser), or fix the name.")
+    return resolve_in_roots(rel, roots, node, what="negation set", fix=fix)
 
 
 def fingerprint_entry(name: str) -> str:

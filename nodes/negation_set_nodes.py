@@ -72,7 +72,7 @@ class LoadNegationSet:
         return fingerprint_entry(set_name)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, set_name, **kwargs):
+    def VALIDATE_INPUTS(cls, set_name):
         try:
             resolve_set(set_name, "Load Negation Set")
         except NodeInputError as err:

@@ -1,0 +1,99 @@
+"""File-system helpers shared by the node modules: model-folder registration, resolving a
+dropdown entry inside its allowed roots, cheap change fingerprints and atomic writes.
+
+Rules (CONTRIBUTING.md): paths never escape their roots (no absolute paths, no ``..``, no
+symlink that leads elsewhere) and files are written through a temp file + ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from typing import Iterable, Optional
+
+import safetensors.torch
+import torch
+
+import folder_paths
+
+from .comfy_compat import NodeInputError
+
+log = logging.getLogger(__name__)
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def register_model_folder(folder_name: str, extensions: Iterable[str]) -> None:
+    """Register ``models/<folder_name>`` with ComfyUI, keeping the dirs (and extensions) that
+    ``extra_model_paths.yaml`` already added: that file is read before custom nodes load."""
+    default = os.path.join(folder_paths.models_dir, folder_name)
+    wanted = set(extensions)
+    entry = folder_paths.folder_names_and_paths.get(folder_name)
+    if entry is None:
+        folder_paths.folder_names_and_paths[folder_name] = ([default], wanted)
+        return
+    paths, exts = entry
+    if default not in paths:
+        paths.append(default)
+    if not wanted <= set(exts):
+        folder_paths.folder_names_and_paths[folder_name] = (paths, set(exts) | wanted)
+
+
+def relative_parts(name: str, node: str, what: str, fix: str) -> list[str]:
+    """The components of a dropdown entry (``a/b/c``); absolute paths and ``..`` are refused."""
+    if not isinstance(name, str) or not name.strip():
+        raise NodeInputError(node, f"no {what} chosen. {fix}")
+    rel = name.replace("\\", "/")
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if os.path.isabs(rel) or rel.startswith("/") or ".." in parts or not parts or _DRIVE.match(rel):
+        raise NodeInputError(node, f"'{name}' is not a {what} name: absolute paths and '..' are refused. {fix}")
+    return parts
+
+
+def inside_root(root: str, rel: str, node: str, what: str = "the entry",
+                fix: str = "Put the files inside the folder itself.") -> Optional[str]:
+    """``root/rel`` resolved (symlinks followed), or None when absent; raises
+    :class:`NodeInputError` when the resolved path escapes ``root``."""
+    real_root = os.path.realpath(root)
+    candidate = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, candidate]) != real_root:
+        raise NodeInputError(node, f"{what} '{rel}' resolves outside {real_root} (a '..' or a symlink "
+                                   f"pointing elsewhere). {fix}")
+    return candidate if os.path.exists(candidate) else None
+
+
+def resolve_in_roots(name: str, roots: list[str], node: str, *, what: str, fix: str) -> str:
+    """Absolute path of a dropdown entry found in the first of ``roots`` that holds it.
+
+    Refuses absolute paths, ``..`` and anything that resolves outside its root; raises
+    :class:`NodeInputError` (naming the roots searched) when no root holds it.
+    """
+    parts = relative_parts(name, node, what, fix)
+    for root in roots:
+        found = inside_root(root, "/".join(parts), node, what=f"the {what}", fix=fix)
+        if found is not None:
+            return found
+    raise NodeInputError(node, f"{what} '{name}' was not found in {', '.join(roots) or '(no folders registered)'}. "
+                               f"{fix}")
+
+
+def file_fingerprint(path: str) -> str:
+    """``path:size:mtime_ns``: a cheap change marker for ``IS_CHANGED`` and caches."""
+    st = os.stat(path)
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
+    """Write a ``.safetensors`` file through a temp file in the same folder + rename."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
