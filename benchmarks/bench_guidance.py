@@ -14,23 +14,13 @@ Usage: python benchmarks/bench_guidance.py [--device cpu|cuda] [--repeat 5]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_kernels():
-    spec = importlib.util.spec_from_file_location("sdn_kernels_guidance", ROOT / "kernels" / "guidance.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from pack_file import load_pack_file
 
 
 def _rss_kib(field: str) -> int:
@@ -61,7 +51,7 @@ def measure(kind: str, batch: int, count: int, dim: int, device: str, repeat: in
     """Run one construction in this process and return timings and peak extra memory."""
     import torch
 
-    g = _load_kernels()
+    g = load_pack_file("kernels/guidance.py", "sdn_kernels_guidance")
     gen = torch.Generator().manual_seed(0)
     y = torch.randn(count, dim, generator=gen).to(device)
     y_sq = (y * y).sum(1)

@@ -12,7 +12,7 @@ Paper equations used here:
 * Eq. 5   ``beta*(x_t) = Z_u p_unsafe,t(x_t) / (Z_s p_safe,t(x_t))``
 * Eq. 6   ``w_n = softmax_n(-||x_t - a y_n||^2 / (2 s^2))``, ``E_unsafe ~= sum_n w_n y_n``
 * Eq. 7   ``beta* ~= eta * beta(x_t)`` with ``beta`` built from the negation set's kernel
-  density at ``x_t`` (see :func:`beta_estimate` for the dimension-free form used here).
+  density at ``x_t`` (see :func:`beta_estimate` for the dimension-free odds form used here).
 
 Everything is computed without ever materialising a ``B x N x D`` tensor: the squared distances
 come from one GEMM (``||x||^2 + a^2||y||^2 - 2a x.y``), the weights from a log-sum-exp softmax,
@@ -161,50 +161,66 @@ def kernel_posterior_mean(
 def beta_estimate(
     log_norm: torch.Tensor,
     x: torch.Tensor,
-    denoised: torch.Tensor,
     alpha: torch.Tensor | float,
     std: torch.Tensor | float,
+    count: int,
+    ref_mean: torch.Tensor,
+    ref_var: torch.Tensor,
     bandwidth: float = 1.0,
     eta: float = 1.0,
+    p_max: float = 0.99,
 ) -> torch.Tensor:
-    """Practical ``eta * beta(x_t)`` (Eq. 7) in a dimension-free form.
+    """Practical ``beta(x_t)`` of Eq. 4-5 (the posterior odds of "unsafe"), dimension-free.
 
-    The paper's ``beta(x_t)`` is the negation set's kernel density at ``x_t``.  In ``D``
-    dimensions a Gaussian density carries a ``(2 pi s^2)^{-D/2}`` factor and a common
-    ``exp(-||eps||^2/2)`` term that swing by hundreds of nats from sample to sample, so a fixed
-    ``eta`` cannot calibrate it.  We therefore measure the negation density relative to the
-    Laplace (single-point) approximation of the data density at ``x_t``, a Gaussian centred on
-    the model's own denoised estimate, ``p_data,t(x_t) ~ N(x_t; a x0_hat, h^2 s^2 I)``::
+    Eq. 5 is an odds ratio, ``beta* = Z_u p_u,t(x_t) / (Z_s p_s,t(x_t)) = P / (1 - P)`` with
+    ``P = Z_u p_u,t(x_t) / p_t(x_t)`` the posterior probability that ``x_t`` comes from the unsafe
+    part.  Following Eq. 7, ``p_u,t`` is the negation set's kernel density
+    ``q_t(x_t) = (1/N) sum_n N(x_t; a y_n, h^2 s^2 I)`` and ``Z_u`` becomes the constant ``eta``.
+    The data density ``p_t`` is unknown; it is replaced by the noised diagonal Gaussian with the
+    data's per-dimension mean ``m`` and variance ``v`` (estimated on the negation set),
+    ``g_t(x_t) = N(x_t; a m, diag(a^2 v + h^2 s^2))``::
 
-        beta(x_t) = min(1, sum_n k(x_t, y_n) / k(x_t, x0_hat)),   k(x, y) = exp(-||x - a y||^2 / (2 h^2 s^2))
+        log R = log q_t(x_t) - log g_t(x_t)
+              = log sum_n k_n - log N - D/2 log(h^2 s^2)
+                + sum_d [ (x_d - a m_d)^2 / (2 r_d) + 1/2 log r_d ],   r_d = a^2 v_d + h^2 s^2
+        P     = min(p_max, eta * R),      beta = P / (1 - P)
 
-    Both kernels share the normalisation, which cancels.  The ratio estimates the posterior
-    probability of the unsafe part, ``Z_u p_unsafe,t / p_data,t``: it tends to 1 for a trajectory
-    that heads into the negation set and to 0 for one that heads elsewhere.  It is clipped to 1
-    because it estimates a probability: values above 1 only mean that several data points share
-    the posterior (high noise, low dimension), where the single-point approximation undercounts
-    the data and an unclipped ratio would grow with the size of the negation set.
+    with ``k_n = exp(-||x_t - a y_n||^2 / (2 h^2 s^2))`` (``log sum_n k_n`` is the ``log_norm`` of
+    :func:`kernel_posterior_mean`).  The ``(2 pi)^{-D/2}`` factors cancel and both densities see
+    the same noise, so ``R`` stays O(1) in any dimension (a ratio to the single kernel
+    ``k(x_t, x0_hat)`` swings by hundreds of nats, and is not even ordered right: samples heading
+    into the set do not score higher).  ``p_max`` caps the odds (0.99: ``beta <= 99``).  At low
+    noise the Gaussian reference over-estimates ``p_t`` away from the negation latents, so
+    ``beta`` decays to 0 unless ``x_t`` is within the kernel's reach of the set: the estimate gates
+    itself, and a step window is optional.
 
     Args:
         log_norm: ``[B]`` from :func:`kernel_posterior_mean` (same ``alpha``, ``std``, ``bandwidth``).
         x: ``[B, D]`` sampler states.
-        denoised: ``[B, D]`` the model's denoised estimate ``E_data[x0|x_t]``.
         alpha, std: forward-process coefficients, scalar or ``[B]``.
+        count: ``N``, the size of the negation set.
+        ref_mean, ref_var: ``[D]`` mean ``m`` and variance ``v >= 0`` of the reference Gaussian.
         bandwidth: ``h``, as used for ``log_norm``.
-        eta: the strength ``eta`` of Eq. 7 (the largest weight the correction can take).
+        eta: the prior weight ``Z_u`` of Eq. 7 (0 disables).
+        p_max: cap of ``P``, in ``[0, 1)``.
 
     Returns:
-        ``[B]`` ``eta * beta(x_t)`` in ``[0, eta]`` (0 where an input is not finite).
+        ``[B]`` ``beta`` in ``[0, p_max / (1 - p_max)]`` (0 where an input is not finite), in the
+        dtype of ``log_norm``.
     """
-    cdt = log_norm.dtype
-    bsz = x.shape[0]
-    a = _per_sample(alpha, bsz, cdt, log_norm.device)
-    s = _per_sample(std, bsz, cdt, log_norm.device)
-    resid = x.to(cdt) - a[:, None] * denoised.to(cdt)
-    log_data = -(resid * resid).sum(1) / (2.0 * (bandwidth * s) ** 2)
-    ratio = torch.exp((log_norm - log_data).clamp(max=0.0))
-    beta = eta * ratio
-    return torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
+    cdt = torch.float64  # the D/2 log(...) terms reach 1e5 for SD-sized latents
+    bsz, dim = x.shape
+    a = _per_sample(alpha, bsz, cdt, log_norm.device)[:, None]
+    s = _per_sample(std, bsz, cdt, log_norm.device)[:, None]
+    kvar = (bandwidth * s) ** 2  # [B, 1]
+    rvar = a * a * ref_var.to(device=log_norm.device, dtype=cdt)[None] + kvar  # [B, D]
+    centred = x.to(device=log_norm.device, dtype=cdt) - a * ref_mean.to(device=log_norm.device, dtype=cdt)[None]
+    log_g = -(centred * centred / (2.0 * rvar) + 0.5 * torch.log(rvar)).sum(1)
+    log_q = log_norm.to(cdt) - math.log(count) - 0.5 * dim * torch.log(kvar[:, 0])
+    p = (eta * torch.exp((log_q - log_g).clamp(max=80.0))).clamp(max=p_max)
+    beta = p / (1.0 - p)
+    beta = torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
+    return beta.to(log_norm.dtype)
 
 
 def safe_combine(denoised: torch.Tensor, unsafe_mean: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

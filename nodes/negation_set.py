@@ -61,10 +61,17 @@ def set_roots() -> list[str]:
 
 @dataclass(frozen=True)
 class PreparedNegation:
-    """Negation latents ready for the kernels: ``y`` is ``[N, D]`` on the sampling device."""
+    """Negation latents ready for the kernels: ``y`` is ``[N, D]`` on the sampling device.
+
+    ``y_sq`` is ``[N]`` (``||y_n||^2``); ``ref_mean`` / ``ref_var`` are ``[D]`` float32: each
+    channel's mean and variance over the set (pooled over images and pixels), broadcast to every
+    pixel, the reference data density of :func:`kernels.guidance.beta_estimate`.
+    """
 
     y: torch.Tensor
     y_sq: torch.Tensor
+    ref_mean: torch.Tensor
+    ref_var: torch.Tensor
 
 
 class NegationSet:
@@ -143,7 +150,12 @@ class NegationSet:
             if variant == "reference":
                 lat = channel_normalise(lat)
             y = lat.reshape(lat.shape[0], -1).to(device=device, dtype=dtype)
-            return PreparedNegation(y=y, y_sq=(y.to(torch.float32) * y.to(torch.float32)).sum(1))
+            pooled = lat.to(torch.float32).transpose(0, 1).reshape(lat.shape[1], -1)  # [C, N*H*W]
+            per_pixel = (lat.shape[1], lat.shape[2] * lat.shape[3])
+            ref_mean = pooled.mean(1)[:, None].expand(per_pixel).reshape(-1).to(device)
+            ref_var = pooled.var(1, correction=0)[:, None].expand(per_pixel).reshape(-1).to(device)
+            return PreparedNegation(y=y, y_sq=(y.to(torch.float32) * y.to(torch.float32)).sum(1),
+                                    ref_mean=ref_mean, ref_var=ref_var)
 
         key = ("prepared", latent_format_key(latent_format), height, width, str(device), str(dtype), variant)
         return self._memo(key, build)

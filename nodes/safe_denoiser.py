@@ -56,12 +56,16 @@ REFERENCE_QUANTILE = 0.0
 REFERENCE_MAX_CALIBRATION = 1024
 """Noisy negation latents used to calibrate the reference gate (all of them when fewer)."""
 
-# Defaults: the paper's SD window t in [780, 1000] of 1000 DDPM steps is, in ComfyUI's convention,
-# percent 0 -> 1 - 780/999 = 0.22 (sigma 14.6 -> 4.67 on SD1.x schedules).
-DEFAULT_END_PERCENT = 0.22
-# paper-mode eta at strength 1.0: the correction weight for a trajectory that the estimate places
-# fully in the negation set (beta(x_t) -> 1); README "Choosing the defaults" gives the measurements.
-PAPER_ETA = 4.0
+# paper-mode defaults, measured on the digits demo (README "Choosing the defaults"): the prior share of
+# unsafe content eta (Eq. 7), the cap of the posterior probability P (beta = P / (1 - P) <= 99), and the
+# kernel width in units of the noise std s_t (1.0 would be the exact Eq. 6 posterior of the negation set
+# itself; 3.0 smooths it into a density estimate that also covers unsafe images not in the set).
+PAPER_ETA = 0.2
+PAPER_P_MAX = 0.99
+PAPER_BANDWIDTH = 3.0
+# beta gates itself (it decays to 0 off the negation set), so the whole schedule is guided by default.
+# The paper's SD window t in [780, 1000] of 1000 DDPM steps is end_percent 1 - 780/999 = 0.22.
+DEFAULT_END_PERCENT = 1.0
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,10 @@ class GuidanceSettings:
     """User-facing parameters of the Safe Denoiser.
 
     ``strength`` and ``bandwidth`` multiply each mode's default, so 1.0 is always the default: in
-    ``paper`` mode ``eta = 4.0 * strength`` and the kernel width is ``bandwidth * s_t`` (1.0 = the
-    exact Eq. 6 kernel); in ``reference`` mode the constant scale is ``0.33 * strength`` and the
-    fixed kernel sigma ``3.15 * bandwidth`` (the official SD1.4 nudity settings).
+    ``paper`` mode ``eta = 0.2 * strength`` and the kernel width is ``3 * bandwidth * s_t``
+    (``bandwidth = 1/3`` is the exact Eq. 6 kernel); in ``reference`` mode the constant scale is
+    ``0.33 * strength`` and the fixed kernel sigma ``3.15 * bandwidth`` (the official SD1.4 nudity
+    settings).
     """
 
     mode: str = "paper"
@@ -160,8 +165,10 @@ class SafeDenoiserHook:
         if st.mode == "paper":
             prep = self.negation.prepared(lf, height, width, x.device, storage, "paper")
             alpha, std = (t.to(x.device) for t in forward_coefficients(ms, sigma.reshape(-1).expand(bsz)))
-            km = kernel_posterior_mean(xf, prep.y, alpha, std, st.bandwidth, y_sq=prep.y_sq)
-            beta = beta_estimate(km.log_norm, xf, df, alpha, std, st.bandwidth, eta=PAPER_ETA * st.strength)
+            width = PAPER_BANDWIDTH * st.bandwidth
+            km = kernel_posterior_mean(xf, prep.y, alpha, std, width, y_sq=prep.y_sq)
+            beta = beta_estimate(km.log_norm, xf, alpha, std, prep.y.shape[0], prep.ref_mean, prep.ref_var, width,
+                                 eta=PAPER_ETA * st.strength, p_max=PAPER_P_MAX)
             beta = torch.where(active & (beta >= st.beta_threshold), beta, torch.zeros_like(beta))
             log.debug("Safe Denoiser: sigma %.4g beta %s", float(sigma.reshape(-1)[0]), beta.tolist())
             return Correction("paper", km.mean, beta)
@@ -244,24 +251,27 @@ def guidance_inputs() -> dict:
         "negation_set": ("NEGATION_SET", {"tooltip": "Latents of the content to avoid, from Load Negation Set."}),
         "mode": (list(MODES), {"default": "paper", "tooltip":
                  "paper: Eq. 4-7 of Kim et al. (kernel on the noisy sample x_t with the model's own alpha/sigma, "
-                 "weight eta*beta(x_t)). reference: the official code's arithmetic (kernel on the denoised "
+                 "weight beta(x_t) = posterior odds that x_t heads into the set). reference: the official code's arithmetic (kernel on the denoised "
                  "estimate, fixed sigma 3.15, constant scale 0.33, calibrated gate), for matching published numbers."}),
         "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip":
                      "How hard to push away from the negation set, as a multiple of the mode's default (1.0). "
-                     "paper: eta = 4 x strength, the weight of the Eq. 4 correction for a sample the estimate "
-                     "places fully in the negation set. reference: scale = 0.33 x strength (the official value). "
+                     "paper: eta = 0.2 x strength, the prior share of unwanted content in Eq. 7 (higher removes more, "
+                     "and disturbs more of the other content). reference: scale = 0.33 x strength (the official "
+                     "value). "
                      "0 disables the guidance."}),
         "bandwidth": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 100.0, "step": 0.05, "tooltip":
-                      "Kernel width multiplier. paper: 1.0 is the exact Gaussian posterior of Eq. 6 (kernel std = "
-                      "the noise level); larger values smooth the set (useful for small sets of large images). "
+                      "Kernel width multiplier. paper: 1.0 = kernel std 3x the noise level, a smoothed density of the "
+                      "set that also covers unwanted images not in it; 0.33 is the exact Gaussian posterior of Eq. 6. "
                       "reference: multiplies the official fixed sigma 3.15."}),
         "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                           "Start of the guided part of the schedule (0 = first, noisiest step)."}),
         "end_percent": ("FLOAT", {"default": DEFAULT_END_PERCENT, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                        "End of the guided part. 0.22 is the paper's window t in [780, 1000] for SD (sigma >= 4.67): "
-                        "the correction matters at high noise, where the image's content is decided."}),
+                        "End of the guided part (1.0 = the last step). The paper-mode weight fades by itself once a sample "
+                        "is away from the negation set, so the whole schedule is the default. Lower it (e.g. 0.35) if corrected "
+                        "images come out blurred: late corrections leave the model no steps to repair them. 0.22 is the "
+                        "paper's SD window t in [780, 1000] (sigma >= 4.67)."}),
         "beta_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip":
-                           "paper mode: skip the correction for samples whose eta*beta(x_t) is below this value "
+                           "paper mode: skip the correction for samples whose beta(x_t) (the posterior odds) is below this value "
                            "(0 = always correct inside the window). reference mode uses the official calibrated "
                            "gate instead."}),
     }

@@ -91,31 +91,43 @@ def test_bandwidth_scales_the_kernel_std():
 
 
 def test_beta_estimate_closed_form():
+    """beta = P / (1 - P), P = min(p_max, eta * q_t / g_t), with both densities normalised."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 12, generator=g, dtype=torch.float64)
     y = torch.randn(7, 12, generator=g, dtype=torch.float64) * 0.5
-    den = torch.randn(4, 12, generator=g, dtype=torch.float64) * 0.5
-    a, s, h, eta = 0.7, torch.tensor([0.9, 1.0, 1.1, 1.3], dtype=torch.float64), 1.5, 0.8
-    den[:2] = x[:2] / a  # x0_hat explains x_t perfectly: the ratio is small there
+    m = torch.randn(12, generator=g, dtype=torch.float64) * 0.1
+    v = torch.rand(12, generator=g, dtype=torch.float64) + 0.2
+    a, s, h = 0.7, torch.tensor([0.9, 1.0, 1.1, 1.3], dtype=torch.float64), 1.5
     km = G.kernel_posterior_mean(x, y, a, s, bandwidth=h)
-    beta = G.beta_estimate(km.log_norm, x, den, a, s, bandwidth=h, eta=eta)
-    var = 2 * (h * s) ** 2
-    num = torch.exp(-((x[:, None] - a * y[None]) ** 2).sum(-1) / var[:, None]).sum(1)
-    dat = torch.exp(-((x - a * den) ** 2).sum(-1) / var)
-    assert torch.allclose(beta, eta * torch.clamp(num / dat, max=1.0), rtol=1e-10)
-    assert (beta < eta).any() and (beta <= eta).all()
-    assert torch.all(G.beta_estimate(km.log_norm, x, den, a, s, bandwidth=h, eta=0.0) == 0)
+    normal = torch.distributions.Normal
+    log_q = torch.logsumexp(normal(a * y[None], (h * s)[:, None, None]).log_prob(x[:, None]).sum(-1), 1) - math.log(7)
+    log_g = normal(a * m, torch.sqrt(a * a * v + (h * s)[:, None] ** 2)).log_prob(x).sum(-1)
+    for eta in (0.1, 0.8):
+        beta = G.beta_estimate(km.log_norm, x, a, s, 7, m, v, bandwidth=h, eta=eta, p_max=0.9)
+        p = torch.clamp(eta * torch.exp(log_q - log_g), max=0.9)
+        assert torch.allclose(beta, p / (1 - p), rtol=1e-10)
+    assert torch.allclose(beta, torch.full((4,), 9.0, dtype=torch.float64))  # eta = 0.8: every P at its cap
+    assert torch.all(G.beta_estimate(km.log_norm, x, a, s, 7, m, v, bandwidth=h, eta=0.0) == 0)
 
 
-def test_beta_estimate_tracks_posterior_probability_of_unsafe_at_low_noise():
-    """For a memorised point set, beta -> P(unsafe | x_t): ~1 near U, ~0 near S\\U."""
-    g, pts, unsafe, safe, _ = point_problem(6, dim=64)
-    s = torch.tensor([0.05, 0.05], dtype=torch.float64)
-    x = torch.stack([unsafe[0], safe[0]]) + 0.05 * torch.randn(2, 64, generator=g, dtype=torch.float64)
-    data = G.kernel_posterior_mean(x, pts, 1.0, s)
-    km = G.kernel_posterior_mean(x, unsafe, 1.0, s)
-    beta = G.beta_estimate(km.log_norm, x, data.mean, 1.0, s)
-    assert abs(beta[0].item() - 1.0) < 1e-3 and beta[1].item() < 1e-6
+@pytest.mark.parametrize("dim", [16, 1024])
+def test_beta_estimate_ranks_samples_heading_into_the_set_first(dim):
+    """Noisy copies of negation points score higher than noisy copies of the other points (all of
+    them at low noise, on average where the noise hides the points), in any dimension; at low noise
+    beta reaches its cap on the set and ~0 off it."""
+    g, pts, unsafe, safe, _ = point_problem(6, dim=dim)
+    m, v = pts.mean(0), pts.var(0)
+    for sigma in (0.05, 0.5, 2.0, 8.0):
+        clean = torch.cat([unsafe, safe[:len(unsafe)]])
+        x = clean + sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+        km = G.kernel_posterior_mean(x, unsafe, 1.0, sigma)
+        beta = G.beta_estimate(km.log_norm, x, 1.0, sigma, len(unsafe), m, v, eta=len(unsafe) / len(pts))
+        on, off = beta[:len(unsafe)], beta[len(unsafe):]
+        assert on.log().mean() > off.log().mean(), (sigma, beta)
+        if sigma <= 0.5:
+            assert on.min() > off.max(), (sigma, beta)
+        if sigma == 0.05:
+            assert torch.allclose(on, torch.full_like(on, 99.0)) and off.max() < 1e-6
 
 
 def official_kernel_fast(x0, ref, sigma, eps=1e-8):
@@ -166,7 +178,7 @@ def test_huge_distances_stay_finite():
     x = torch.randn(3, 256, generator=g) * 1e4
     km = G.kernel_posterior_mean(x, y, 1.0, torch.tensor([1e-3, 1.0, 1e3]))
     assert torch.isfinite(km.mean).all() and torch.isfinite(km.log_norm).all()
-    beta = G.beta_estimate(km.log_norm, x, torch.zeros_like(x), 1.0, torch.tensor([1e-3, 1.0, 1e3]))
+    beta = G.beta_estimate(km.log_norm, x, 1.0, torch.tensor([1e-3, 1.0, 1e3]), 50, y.mean(0), y.var(0))
     assert torch.isfinite(beta).all() and (beta >= 0).all()
     out = G.safe_combine(torch.zeros(3, 256), km.mean, beta)
     assert torch.isfinite(out).all()

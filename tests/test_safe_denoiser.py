@@ -5,7 +5,10 @@ finite point set S (20 points in a 4x8x8 latent), so ComfyUI's samplers sample S
 sampling lands on the negated subset U (the first 5 points) about |U|/|S| = 25% of the time. The
 negation set holds exactly U, saved as a precomputed set and loaded with Load Negation Set.
 
-Documented settings for the strong test: strength 2 (eta = 8), window 0 -> 0.5.
+The toy's data set is memorised (the negation set holds the very points the model produces), so
+the tests use the exact Eq. 6 kernel, bandwidth 1/3 (the node's default 1.0 is 3x wider, a smoothed
+density for learned models that produce unsafe images not in the set; tests/test_demo.py measures
+the defaults on such a model): EXACT = bandwidth 1/3, strength 2 (eta 0.4), STRONG = strength 5.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from harness.errors import ComfyPromptError
 from harness.prompts import exact_denoiser_sampling
 
 COUNT, UNSAFE, BATCH = 20, 5, 160
-DEFAULTS = {"mode": "paper", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 0.22,
+DEFAULTS = {"mode": "paper", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
             "beta_threshold": 0.0}
-STRONG = dict(DEFAULTS, strength=2.0, end_percent=0.5)
+EXACT = dict(DEFAULTS, bandwidth=1.0 / 3.0, strength=2.0)
+STRONG = dict(EXACT, strength=5.0)
 FAMILIES = ("sd15", "sd15_v", "sdxl", "flow")
 
 
@@ -83,9 +87,9 @@ def run_stats(comfy, prompt, n):
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddim", "uni_pc"])
 def test_safe_denoiser_avoids_the_negation_set(comfy, toy_sets, sampler, cfg):
     plain = run_stats(comfy, *toy_prompt(sampler=sampler, cfg=cfg))
-    default = run_stats(comfy, *toy_prompt(sampler=sampler, cfg=cfg, guidance=DEFAULTS))
+    default = run_stats(comfy, *toy_prompt(sampler=sampler, cfg=cfg, guidance=EXACT))
     strong = run_stats(comfy, *toy_prompt(sampler=sampler, cfg=cfg, guidance=STRONG))
-    print(f"[{comfy.version}] {sampler} cfg {cfg}: on U plain {plain['on_u']:.3f} defaults {default['on_u']:.3f} "
+    print(f"[{comfy.version}] {sampler} cfg {cfg}: on U plain {plain['on_u']:.3f} exact {default['on_u']:.3f} "
           f"strong {strong['on_u']:.3f}; near a point {min(plain['near_any'], default['near_any'], strong['near_any']):.3f}")
     assert 0.15 <= plain["on_u"] <= 0.35, plain["on_u"]
     assert default["on_u"] <= plain["on_u"] / 3, (plain["on_u"], default["on_u"])
@@ -98,7 +102,7 @@ def test_safe_denoiser_avoids_the_negation_set(comfy, toy_sets, sampler, cfg):
 def test_every_parameterisation_and_latent_format(comfy, toy_sets, family):
     """V-prediction, SDXL's latent scale and a flow (CONST) model: x = (1 - sigma) x0 + sigma eps."""
     plain = run_stats(comfy, *toy_prompt(family=family))
-    safe = run_stats(comfy, *toy_prompt(family=family, guidance=DEFAULTS))
+    safe = run_stats(comfy, *toy_prompt(family=family, guidance=EXACT))
     assert plain["on_u"] >= 0.15
     assert safe["on_u"] <= plain["on_u"] / 3, (family, plain["on_u"], safe["on_u"])
     assert safe["near_any"] >= 0.95
@@ -108,7 +112,7 @@ def patched_prompt(comfy, sampler_node: str, sampler="euler", cfg=1.0, extra=Non
     """Safe Denoiser (model patch) in front of KSamplerAdvanced / SamplerCustom(Advanced)."""
     b, n = exact_denoiser_sampling(count=COUNT, unsafe_count=UNSAFE, batch=BATCH, steps=20, sampler=sampler)
     loader = b.add("SDN_LoadNegationSet", set_name="toy_sd15.safetensors", resolution=512, max_images=0)
-    model = b.add("SDN_SafeDenoiserPatch", model=n["exact"], negation_set=loader.out(0), **DEFAULTS)
+    model = b.add("SDN_SafeDenoiserPatch", model=n["exact"], negation_set=loader.out(0), **EXACT)
     if extra is not None:
         model = extra(b, model)
     prompt = b.build()
@@ -214,10 +218,10 @@ def test_per_sample_weights_in_a_batch(comfy, toy_sets):
     base_model = model.model
     ms = base_model.model_sampling
     denoised = tm.posterior_mean(x, sigma, points.double(), ms).float()
-    hook = sd.SafeDenoiserHook(nset, sd.GuidanceSettings(end_percent=1.0), uses_pre_cfg=False)
+    hook = sd.SafeDenoiserHook(nset, sd.GuidanceSettings(bandwidth=1.0 / 3.0), uses_pre_cfg=False)
     corr = hook.correction(base_model, x, denoised, sigma)
     beta = corr.weight
-    assert beta[0] > 3.9 and beta[1] < 1e-3, beta
+    assert beta[0] > 90 and beta[1] < 1e-3, beta  # P at its cap 0.99 (beta 99) on U, ~0 elsewhere
     out = corr.apply(denoised)
     assert torch.allclose(out[1], denoised[1], atol=1e-4)
     assert torch.isfinite(out).all()
