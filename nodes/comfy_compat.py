@@ -26,6 +26,16 @@ class NodeInputError(ValueError):
         self.node = node
 
 
+def validation_message(check: Callable[..., object], *args: Any) -> bool | str:
+    """What ``VALIDATE_INPUTS`` returns for ``check(*args)``: True, or the message of the
+    :class:`NodeInputError` it raised (ComfyUI shows it under the input before anything runs)."""
+    try:
+        check(*args)
+    except NodeInputError as err:
+        return str(err)
+    return True
+
+
 def model_object(model: Any, name: str) -> Any:
     """A model attribute with object patches applied (``latent_format``, ``model_sampling``)."""
     getter = getattr(model, "get_model_object", None)
@@ -90,3 +100,59 @@ def latent_channels(latent_format: Any, default: int = 4) -> int:
 def process_in(latent_format: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """The latent format's VAE-space -> sampling-space map."""
     return latent_format.process_in
+
+
+def base_weight(patcher: Any, key: str) -> torch.Tensor:
+    """The unpatched weight ``key`` of a ModelPatcher's model (CLIP patchers too).
+
+    While a clone is loaded with its patches applied in place, the module holds patched weights
+    and the originals sit in ``patcher.backup`` (shared by all clones of a model; a tensor on O,
+    a ``(weight, inplace_update)`` tuple on N).
+    """
+    entry = getattr(patcher, "backup", {}).get(key)
+    if entry is not None:
+        return getattr(entry, "weight", entry)
+    return comfy.utils.get_attr(patcher.model, key)
+
+
+def effective_weight(patcher: Any, key: str) -> torch.Tensor:
+    """The weight ``key`` as sampling will see it: the base weight with this patcher's patches
+    applied (float32 arithmetic, cast back to the weight's dtype; a detached CPU copy)."""
+    weight = base_weight(patcher, key).detach()
+    patches = patcher.patches.get(key)
+    if not patches:
+        return weight.to("cpu", copy=True)
+    temp = weight.to("cpu", torch.float32, copy=True)
+    return patcher.calculate_weight(patches, temp, key).to(weight.dtype)
+
+
+def rgb_image_batch(images: Any, node: str, min_size: int, too_small_fix: str) -> torch.Tensor:
+    """A ComfyUI IMAGE as float32 RGB ``[B, H, W, 3]`` on the CPU, or a clear error.
+
+    Gray (1 channel) is repeated to RGB; RGBA drops its alpha. Refused: non-``[B, H, W, C]`` input,
+    an empty batch, other channel counts, images under ``min_size`` px on a side (the message ends
+    with ``too_small_fix``), NaN or infinite pixels.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise NodeInputError(node, f"expected an IMAGE batch [B, H, W, C], got {shape}.")
+    batch, height, width, channels = images.shape
+    if batch == 0:
+        raise NodeInputError(node, "the IMAGE batch is empty (0 images): connect a node that produces images.")
+    if channels == 1:
+        images = images.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        images = images[..., :3]
+    elif channels != 3:
+        raise NodeInputError(node, f"images have {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
+    if min(height, width) < min_size:
+        raise NodeInputError(node, f"images of {width}x{height} px are too small (at least {min_size} px on each "
+                                   f"side): {too_small_fix}")
+    images = images.detach().to("cpu", torch.float32)
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = [int(i) for i in torch.nonzero(~finite).flatten()]
+        raise NodeInputError(node, f"image(s) {bad[:10]}{' ...' if len(bad) > 10 else ''} of the batch contain NaN "
+                                   "or infinite pixels; fix the node that produced them (e.g. a VAE decode in "
+                                   "fp16 that overflowed: try --fp32-vae or a different VAE).")
+    return images.contiguous()

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
-import torch
-
-import folder_paths
-
-from .comfy_compat import NodeInputError
+from .comfy_compat import NodeInputError, rgb_image_batch, validation_message
 from .negation_set import (
     FOLDER_NAME,
     NegationSet,
@@ -23,9 +18,9 @@ from .negation_set import (
     resize_images,
     resolve_set,
     set_metadata,
-    set_roots,
     vae_fingerprint,
 )
+from .paths import SaveFileNode, output_path
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +34,20 @@ def describe(nset: NegationSet) -> str:
     return f"{nset.name}: {nset.count} latents {c}x{h}x{w} ({nset.meta.get('source', '?')})"
 
 
-class LoadNegationSet:
-    DESCRIPTION = ("Loads a negation set: latents of images whose content the Safe Denoiser should avoid. A folder of "
-                   "images is encoded with the connected VAE (batched, with progress) and cached next to the images, "
-                   "so later runs skip the VAE; a .safetensors set (from Save Negation Set) needs no VAE.")
+class NegationSetSource:
+    """The outputs of the nodes that make a negation set."""
+
     CATEGORY = CATEGORY
     RETURN_TYPES = ("NEGATION_SET", "STRING")
     RETURN_NAMES = ("negation_set", "info")
-    OUTPUT_TOOLTIPS = ("The negation set for the Safe Denoiser nodes.", "A one-line summary of what was loaded.")
+    OUTPUT_TOOLTIPS = ("The negation set for the Safe Denoiser nodes.",
+                       "A one-line summary of the set: name, number of latents, latent shape, source.")
+
+
+class LoadNegationSet(NegationSetSource):
+    DESCRIPTION = ("Loads a negation set: latents of images whose content the Safe Denoiser should avoid. A folder of "
+                   "images is encoded with the connected VAE (batched, with progress) and cached next to the images, "
+                   "so later runs skip the VAE; a .safetensors set (from Save Negation Set) needs no VAE.")
     FUNCTION = "load"
 
     @classmethod
@@ -73,11 +74,7 @@ class LoadNegationSet:
 
     @classmethod
     def VALIDATE_INPUTS(cls, set_name):
-        try:
-            resolve_set(set_name, "Load Negation Set")
-        except NodeInputError as err:
-            return str(err)
-        return True
+        return validation_message(resolve_set, set_name, "Load Negation Set")
 
     def load(self, set_name, resolution, max_images, vae=None):
         node = "Load Negation Set"
@@ -94,13 +91,9 @@ class LoadNegationSet:
         return (nset, describe(nset))
 
 
-class NegationSetFromImages:
+class NegationSetFromImages(NegationSetSource):
     DESCRIPTION = ("Builds a negation set from an IMAGE batch already in the graph (e.g. Load Image outputs) and a "
                    "VAE. Not cached: for large sets use a folder with Load Negation Set.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("NEGATION_SET", "STRING")
-    RETURN_NAMES = ("negation_set", "info")
-    OUTPUT_TOOLTIPS = ("The negation set for the Safe Denoiser nodes.", "A one-line summary.")
     FUNCTION = "build"
 
     @classmethod
@@ -116,66 +109,34 @@ class NegationSetFromImages:
 
     def build(self, images, vae, resolution, name):
         node = "Negation Set from Images"
-        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise NodeInputError(node, f"expected a non-empty IMAGE batch [B, H, W, C], got {shape}.")
-        if not torch.isfinite(images).all():
-            raise NodeInputError(node, "the images contain NaN or infinite pixels; fix the node that produced them.")
-        channels = images.shape[-1]
-        if channels == 1:
-            images = images.expand(-1, -1, -1, 3)
-        elif channels == 4:
-            images = images[..., :3]
-        elif channels != 3:
-            raise NodeInputError(node, f"images have {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
-        if min(images.shape[1:3]) < 8:
-            raise NodeInputError(node, f"images of {images.shape[2]}x{images.shape[1]} px are too small to encode "
-                                       "(at least 8x8).")
+        images = rgb_image_batch(images, node, 8, "the VAE needs at least 8x8 pixels.")
         if resolution > 0:
-            images = resize_images(images.float(), int(resolution))
-        latents = encode_batches(vae, images.float().clamp(0, 1).split(4), images.shape[0])
+            images = resize_images(images, int(resolution))
+        latents = encode_batches(vae, images.clamp(0, 1).split(4), images.shape[0])
         nset = NegationSet(latents, {"name": name or "from_images", "source": "images", "images": int(images.shape[0]),
                                      "encode_resolution": int(resolution), "vae": vae_fingerprint(vae)[:16]})
         return (nset, describe(nset))
 
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
-
-
-class SaveNegationSet:
+class SaveNegationSet(SaveFileNode):
     DESCRIPTION = ("Writes a negation set as a .safetensors file of latents into models/negation_sets/, so it can be "
                    "shared without the images and loaded with Load Negation Set without a VAE.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    OUTPUT_TOOLTIPS = ("Where the file was written.",)
-    OUTPUT_NODE = True
-    FUNCTION = "save"
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "negation_set": ("NEGATION_SET", {"tooltip": "The set to save."}),
-            "filename": ("STRING", {"default": "my_negation_set", "tooltip":
-                         "File name (letters, digits, '.', '_', '-', spaces; no folders). '.safetensors' is added."}),
-            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of the same name."}),
+            "filename": cls.filename_input("my_negation_set"),
+            "overwrite": cls.overwrite_input(),
         }}
 
     def save(self, negation_set, filename, overwrite):
         node = "Save Negation Set"
         if not isinstance(negation_set, NegationSet):
             raise NodeInputError(node, "negation_set must come from a negation set node.")
-        stem = filename.strip()
-        if stem.lower().endswith(".safetensors"):
-            stem = stem[: -len(".safetensors")]
-        if not _SAFE_NAME.match(stem) or ".." in stem:
-            raise NodeInputError(node, f"'{filename}' is not a valid file name: use letters, digits, '.', '_', '-' "
-                                       "and spaces, without folders.")
-        roots = set_roots()
-        root = roots[0] if roots else os.path.join(folder_paths.models_dir, FOLDER_NAME)
-        path = os.path.join(root, stem + ".safetensors")
-        if os.path.exists(path) and not overwrite:
-            raise NodeInputError(node, f"{path} already exists. Choose another filename or enable overwrite.")
+        path = output_path(FOLDER_NAME, filename, overwrite, node)
+        stem = os.path.basename(path)[: -len(".safetensors")]
         atomic_save({"latents": negation_set.latents}, set_metadata(negation_set) | {"name": stem}, path)
         log.info("%s: wrote %s (%s)", node, path, describe(negation_set))
         return {"ui": {"text": [f"saved {stem}.safetensors ({negation_set.count} latents)"]}, "result": (path,)}

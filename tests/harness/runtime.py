@@ -116,6 +116,7 @@ class ComfySession:
         self.folder_paths: ModuleType
         self._server = StubServer()
         self._executor: Any = None
+        self._executed_classes: dict[str, str] = {}  # node id -> class_type, for the executor's cache
         self.loaded_modules: list[str] = []
 
     # -- start-up -------------------------------------------------------------------------------
@@ -211,9 +212,17 @@ class ComfySession:
             self.load_custom_node(custom_nodes / TEST_NODES_NAME)
         return custom_nodes
 
-    def add_model_folder(self, folder_name: str, path: Path) -> None:
-        """Register an extra model folder, like an ``extra_model_paths.yaml`` entry."""
+    def add_model_folder(self, folder_name: str, path: Path, first: bool = False) -> None:
+        """Register an extra model folder, like an ``extra_model_paths.yaml`` entry.
+
+        ``first=True`` puts it ahead of the folders already registered, so its entries win over
+        same-named ones that other tests of the session registered earlier.
+        """
         self.folder_paths.add_model_folder_path(folder_name, str(path))
+        if first:  # O's add_model_folder_path has no is_default: reorder (same list in N and O)
+            paths = self.folder_paths.folder_names_and_paths[folder_name][0]
+            paths.remove(str(path))
+            paths.insert(0, str(path))
 
     # -- node definitions -----------------------------------------------------------------------
     def object_info(self) -> dict[str, dict[str, Any]]:
@@ -262,13 +271,20 @@ class ComfySession:
         """Validate and execute an API prompt like the server's queue worker does.
 
         The executor (and so ComfyUI's output cache) persists across calls, as in the server;
-        ``fresh=True`` starts from an empty cache.  Raises :class:`ComfyPromptError`.
+        ``fresh=True`` starts from an empty cache.  So does a prompt that reuses a node id for
+        another class: O's cache is keyed by node id and compares only the inputs, so it would hand
+        that node the old class's outputs (e.g. two workflows whose node "1" is a loader without
+        inputs).  Raises :class:`ComfyPromptError`.
         """
         prompt = copy.deepcopy(prompt)
         prompt_id = str(uuid.uuid4())
         outputs = self.validate(prompt, prompt_id)
-        if fresh or self._executor is None:
+        classes = {str(node_id): node["class_type"] for node_id, node in prompt.items()}
+        reused = any(self._executed_classes.get(node_id, cls) != cls for node_id, cls in classes.items())
+        if fresh or reused or self._executor is None:
             self._executor = self._new_executor()
+            self._executed_classes = {}
+        self._executed_classes.update(classes)
         executor = self._executor
         executor.execute(prompt, prompt_id, dict(extra_data or {}), outputs)
         messages = list(executor.status_messages)

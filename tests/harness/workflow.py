@@ -1,178 +1,158 @@
-"""Convert a UI (litegraph) workflow JSON into an API prompt, like the frontend's graphToPrompt.
+"""UI (litegraph) workflows in the tests: conversion to API prompts, structural checks, rewrites.
 
-ComfyUI has no backend converter; example workflows are saved in UI format and ``/prompt``
-takes API format.  Conversion needs node definitions shaped like ``/object_info`` (from a
-server, or :meth:`harness.runtime.ComfySession.object_info` in-process).
+The converter is the pack's (``demo/ui_workflow.py``, shared with the demo runner; its docstring
+lists the frontend's rules it implements) and is re-exported here: :func:`ui_to_api`,
+:func:`is_widget`, :func:`extra_widget_values`, :class:`WorkflowConversionError`.  Node
+definitions come from a server's ``/object_info`` or :meth:`harness.runtime.ComfySession.object_info`.
 
-Rules implemented (checked against both ComfyUI versions' frontends):
-
-* muted (mode 2) and bypassed (mode 4) nodes are left out; a link from a bypassed node is
-  followed through the bypassed node's input of the same type (the input at the link's slot
-  first, then any input), a link from a muted node is dropped;
-* virtual nodes are left out: ``Note``/``MarkdownNote``, ``Reroute`` (links are followed
-  through it) and ``PrimitiveNode`` (its widget value is used for the inputs it feeds);
-* widget inputs (``INT``, ``FLOAT``, ``STRING``, ``BOOLEAN``, ``COMBO`` or a combo list, not
-  ``forceInput``) are walked in ``INPUT_TYPES`` order, required then optional; each consumes one
-  ``widgets_values`` entry, even when it is linked; seed-like ``INT`` inputs (named ``seed`` /
-  ``noise_seed`` or with ``control_after_generate``) consume one more (the control value) and
-  ``image_upload`` combos one more (the upload button);
-* a link into an input overrides its widget value;
-* ``widgets_values`` given as a dict (some newer frontend nodes) is read by input name.
+Also here: :func:`check_ui_workflow` (structural checks of a UI workflow file),
+:func:`widget_slots` (how many ``widgets_values`` a node type stores), and helpers that rewrite
+a converted API prompt for tests (:func:`substitute_tiny`, :func:`nodes_of_type`,
+:func:`set_inputs`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+from .locate import REPO_ROOT, pack_module
 
 log = logging.getLogger(__name__)
 
-MODE_MUTED = 2
-MODE_BYPASSED = 4
-VIRTUAL_NODES = frozenset({"Note", "MarkdownNote", "Reroute", "PrimitiveNode"})
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
-SEED_NAMES = frozenset({"seed", "noise_seed"})
+# The converter itself is the pack's (demo/ui_workflow.py, shared with the demo runner).
+_ui = pack_module("ui_workflow")
+MODE_MUTED: int = _ui.MODE_MUTED
+MODE_BYPASSED: int = _ui.MODE_BYPASSED
+VIRTUAL_NODES: frozenset[str] = _ui.VIRTUAL_NODES
+WIDGET_TYPES: frozenset[str] = _ui.WIDGET_TYPES
+SEED_NAMES: frozenset[str] = _ui.SEED_NAMES
+EXAMPLE_WORKFLOWS_DIR = REPO_ROOT / "example_workflows"
+WorkflowConversionError = _ui.WorkflowConversionError
+is_widget = _ui.is_widget
+extra_widget_values = _ui.extra_widget_values
+ui_to_api = _ui.ui_to_api
+_ordered_inputs = _ui.ordered_inputs
+_links_table = _ui.links_table
 
 
-class WorkflowConversionError(ValueError):
-    """The UI workflow cannot be converted (unknown node type, too few widget values, ...)."""
+def example_workflows() -> list[Path]:
+    """The pack's shipped workflows, ``example_workflows/*.json``, sorted by name."""
+    return sorted(EXAMPLE_WORKFLOWS_DIR.glob("*.json"))
 
 
-def _spec_options(spec: Any) -> dict[str, Any]:
-    if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], Mapping):
-        return dict(spec[1])
-    return {}
+def load_ui_workflow(path: Path) -> dict[str, Any]:
+    """A workflow file parsed as JSON (UTF-8)."""
+    with Path(path).open(encoding="utf-8") as fh:
+        return json.load(fh)
 
 
-def is_widget(spec: Any) -> bool:
-    """Whether an ``INPUT_TYPES`` entry is shown as a widget (and so has a ``widgets_values`` slot)."""
-    if not isinstance(spec, (list, tuple)) or not spec:
-        return False
-    if _spec_options(spec).get("forceInput"):
-        return False
-    kind = spec[0]
-    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+def widget_slots(definition: Mapping[str, Any]) -> int:
+    """How many ``widgets_values`` entries the frontend stores for a node of this definition."""
+    return sum(1 + extra_widget_values(name, spec)
+               for name, spec in _ordered_inputs(definition) if is_widget(spec))
 
 
-def extra_widget_values(name: str, spec: Any) -> int:
-    """How many extra ``widgets_values`` entries the frontend stores after this widget."""
-    options = _spec_options(spec)
-    if spec[0] == "INT" and (name in SEED_NAMES or options.get("control_after_generate")):
-        return 1
-    if options.get("image_upload"):
-        return 1
-    return 0
+def check_ui_workflow(workflow: Any, object_info: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Problems of a UI-format (litegraph) workflow; an empty list means it is well formed.
+
+    Checks: the top-level shape (``nodes``/``links`` lists, ``last_node_id``/``last_link_id`` not
+    below the ids used), unique node ids, every non-virtual node type known to ``object_info``,
+    list-form ``widgets_values`` of exactly :func:`widget_slots` entries, and every link joining
+    existing nodes' slots consistently on both ends (origin ``outputs[slot].links`` holds it,
+    target ``inputs[slot].link`` is it, and the types agree).
+    """
+    if not isinstance(workflow, Mapping):
+        return [f"a UI workflow is a JSON object, got {type(workflow).__name__}"]
+    nodes, raw_links = workflow.get("nodes"), workflow.get("links")
+    if not isinstance(nodes, list) or not isinstance(raw_links, list):
+        return ["a UI workflow has 'nodes' and 'links' lists (is this an API-format prompt?)"]
+    problems: list[str] = []
+    by_id: dict[int, Mapping[str, Any]] = {}
+    for node in nodes:
+        if not isinstance(node, Mapping) or "id" not in node or "type" not in node:
+            problems.append(f"node without id/type: {node!r:.80}")
+            continue
+        if int(node["id"]) in by_id:
+            problems.append(f"node id {node['id']} is used twice")
+        by_id[int(node["id"])] = node
+        node_type = node["type"]
+        if node_type in VIRTUAL_NODES:
+            continue
+        definition = object_info.get(node_type)
+        if definition is None:
+            problems.append(f"node {node['id']}: type {node_type!r} is not in object_info")
+            continue
+        values = node.get("widgets_values")
+        if isinstance(values, list) and len(values) != widget_slots(definition):
+            problems.append(f"node {node['id']} ({node_type}): {len(values)} widgets_values, its "
+                            f"INPUT_TYPES has {widget_slots(definition)} widget slots")
+    try:
+        links = _links_table(workflow)
+    except (KeyError, TypeError, ValueError) as err:
+        return problems + [f"malformed links: {err!r}"]
+    if by_id and int(workflow.get("last_node_id", max(by_id))) < max(by_id):
+        problems.append(f"last_node_id {workflow.get('last_node_id')} < highest node id {max(by_id)}")
+    if links and int(workflow.get("last_link_id", max(links))) < max(links):
+        problems.append(f"last_link_id {workflow.get('last_link_id')} < highest link id {max(links)}")
+    for link_id, (origin_id, origin_slot, target_id, target_slot, kind) in links.items():
+        origin, target = by_id.get(origin_id), by_id.get(target_id)
+        if origin is None or target is None:
+            problems.append(f"link {link_id} joins missing node {origin_id if origin is None else target_id}")
+            continue
+        outputs, inputs = origin.get("outputs") or [], target.get("inputs") or []
+        if origin_slot >= len(outputs) or link_id not in (outputs[origin_slot].get("links") or []):
+            problems.append(f"link {link_id}: not listed in node {origin_id}'s output {origin_slot}")
+        elif outputs[origin_slot].get("type") not in (kind, "*"):
+            problems.append(f"link {link_id} of type {kind!r} leaves an output of type "
+                            f"{outputs[origin_slot].get('type')!r}")
+        if target_slot >= len(inputs) or inputs[target_slot].get("link") != link_id:
+            problems.append(f"link {link_id}: not node {target_id}'s input {target_slot}")
+        elif inputs[target_slot].get("type") not in (kind, "*"):
+            problems.append(f"link {link_id} of type {kind!r} enters an input of type "
+                            f"{inputs[target_slot].get('type')!r}")
+    return problems
 
 
-def _ordered_inputs(definition: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    inputs = definition.get("input", {})
-    order = definition.get("input_order") or {}
-    result: list[tuple[str, Any]] = []
-    for section in ("required", "optional"):
-        specs = inputs.get(section) or {}
-        for name in order.get(section) or list(specs):
-            result.append((name, specs[name]))
+#: API-prompt rewrites of :func:`substitute_tiny`: real loader/encoder -> test-only tiny node,
+#: with the inputs to drop.  Output slots match, so links into the rest of the graph stay valid.
+TINY_SUBSTITUTES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "CheckpointLoaderSimple": ("SDNTest_TinyCheckpoint", ("ckpt_name",)),
+    "CLIPTextEncode": ("SDNTest_TinyTextEncode", ()),
+}
+
+
+def substitute_tiny(api_prompt: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A copy of ``api_prompt`` with real checkpoints/text encoders replaced by tiny test nodes.
+
+    ``CheckpointLoaderSimple`` -> ``SDNTest_TinyCheckpoint`` (``ckpt_name`` dropped),
+    ``CLIPTextEncode`` -> ``SDNTest_TinyTextEncode`` (same inputs); everything else is kept.
+    """
+    result: dict[str, dict[str, Any]] = copy.deepcopy(dict(api_prompt))  # type: ignore[arg-type]
+    for node in result.values():
+        substitute = TINY_SUBSTITUTES.get(node.get("class_type", ""))
+        if substitute is not None:
+            node["class_type"], dropped = substitute
+            for name in dropped:
+                node["inputs"].pop(name, None)
     return result
 
 
-def _links_table(workflow: Mapping[str, Any]) -> dict[int, tuple[int, int, int, int, Any]]:
-    table: dict[int, tuple[int, int, int, int, Any]] = {}
-    for link in workflow.get("links") or []:
-        if isinstance(link, Mapping):  # newer serialisation
-            link_id = int(link["id"])
-            table[link_id] = (int(link["origin_id"]), int(link["origin_slot"]),
-                              int(link["target_id"]), int(link["target_slot"]), link.get("type"))
-        else:
-            link_id, origin, origin_slot, target, target_slot, kind = link[:6]
-            table[int(link_id)] = (int(origin), int(origin_slot), int(target), int(target_slot), kind)
-    return table
+def nodes_of_type(api_prompt: Mapping[str, Mapping[str, Any]], class_type: str) -> list[str]:
+    """Ids of the API prompt's nodes of ``class_type``, in prompt order."""
+    return [node_id for node_id, node in api_prompt.items() if node.get("class_type") == class_type]
 
 
-class _Converter:
-    def __init__(self, workflow: Mapping[str, Any], object_info: Mapping[str, Mapping[str, Any]]):
-        if workflow.get("definitions", {}).get("subgraphs"):
-            raise WorkflowConversionError("workflows with subgraphs are not supported")
-        self.object_info = object_info
-        self.nodes = {int(n["id"]): n for n in workflow.get("nodes") or []}
-        self.links = _links_table(workflow)
-
-    def resolve(self, link_id: int | None, want_type: Any, seen: frozenset[int] = frozenset()) -> Any:
-        """``[origin_id, slot]`` or a primitive's value for a link, following virtual/bypassed nodes;
-        ``None`` when the link leads nowhere (missing, from a muted node)."""
-        if link_id is None or link_id in seen or link_id not in self.links:
-            return None
-        origin_id, origin_slot, _target, _slot, _kind = self.links[link_id]
-        seen = seen | {link_id}
-        origin = self.nodes.get(origin_id)
-        if origin is None:
-            return None
-        node_type, mode = origin.get("type"), origin.get("mode", 0)
-        if node_type == "Reroute":
-            inputs = origin.get("inputs") or [{}]
-            return self.resolve(inputs[0].get("link"), want_type, seen)
-        if node_type == "PrimitiveNode":
-            values = origin.get("widgets_values") or []
-            if not values:
-                raise WorkflowConversionError(f"PrimitiveNode {origin_id} has no value")
-            return {"value": values[0]}
-        if mode == MODE_MUTED:
-            return None
-        if mode == MODE_BYPASSED:
-            inputs = origin.get("inputs") or []
-            candidates = ([origin_slot] if origin_slot < len(inputs) else []) + list(range(len(inputs)))
-            for index in candidates:
-                if inputs[index].get("type") == want_type:
-                    return self.resolve(inputs[index].get("link"), want_type, seen)
-            return None
-        return [str(origin_id), origin_slot]
-
-    def convert_node(self, node: Mapping[str, Any]) -> dict[str, Any]:
-        node_id, node_type = node["id"], node["type"]
-        definition = self.object_info.get(node_type)
-        if definition is None:
-            raise WorkflowConversionError(f"node {node_id}: unknown node type {node_type!r}")
-        raw_values = node.get("widgets_values")
-        values_by_name = raw_values if isinstance(raw_values, Mapping) else None
-        values = list(raw_values or []) if values_by_name is None else []
-        linked = {i.get("name"): i for i in node.get("inputs") or [] if i.get("link") is not None}
-        inputs: dict[str, Any] = {}
-        position = 0
-        for name, spec in _ordered_inputs(definition):
-            if is_widget(spec):
-                if values_by_name is not None:
-                    if name in values_by_name:
-                        inputs[name] = values_by_name[name]
-                elif position < len(values):
-                    inputs[name] = values[position]
-                elif name not in linked:
-                    raise WorkflowConversionError(
-                        f"node {node_id} ({node_type}): no widgets_values entry for {name!r} "
-                        f"(has {len(values)})")
-                position += 1 + extra_widget_values(name, spec)
-            if name in linked:
-                source = self.resolve(linked[name]["link"], linked[name].get("type"))
-                if isinstance(source, dict):  # a PrimitiveNode's value
-                    inputs[name] = source["value"]
-                elif source is not None:
-                    inputs[name] = source
-                elif not is_widget(spec):
-                    inputs.pop(name, None)
-        if values_by_name is None and position < len(values):
-            log.debug("node %s (%s): %d widgets_values left over", node_id, node_type, len(values) - position)
-        return {"class_type": node_type, "inputs": inputs}
-
-    def convert(self) -> dict[str, dict[str, Any]]:
-        prompt: dict[str, dict[str, Any]] = {}
-        for node_id in sorted(self.nodes):
-            node = self.nodes[node_id]
-            if node.get("type") in VIRTUAL_NODES or node.get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
-                continue
-            prompt[str(node_id)] = self.convert_node(node)
-        return prompt
-
-
-def ui_to_api(workflow: Mapping[str, Any],
-              object_info: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The API prompt ``{node_id: {"class_type", "inputs"}}`` of a UI-format workflow."""
-    return _Converter(workflow, object_info).convert()
+def set_inputs(api_prompt: dict[str, dict[str, Any]], class_type: str, **values: Any) -> list[str]:
+    """Set ``values`` on every node of ``class_type`` (in place); return their ids, raise if none."""
+    found = nodes_of_type(api_prompt, class_type)
+    if not found:
+        present = sorted({node["class_type"] for node in api_prompt.values()})
+        raise KeyError(f"the prompt has no {class_type} node (has {present})")
+    for node_id in found:
+        api_prompt[node_id]["inputs"].update(values)
+    return found

@@ -1,13 +1,19 @@
-"""Test-only ComfyUI custom nodes: tiny real models and an exact analytic denoiser.
+"""Test-only ComfyUI custom nodes: tiny real models, an exact analytic denoiser, and tiny
+stand-ins for CheckpointLoaderSimple / CLIPTextEncode (so real workflows run on tiny models, see
+:func:`harness.workflow.substitute_tiny`).
 
 Loaded by ComfyUI like any custom node package (in-process by ``tests/harness/runtime.py``, by a
 real server through a ``custom_nodes`` symlink named ``sdn_test_nodes``).  Never shipped to users:
-node IDs are prefixed ``SDNTest_``.
+node IDs are prefixed ``SDNTest_``.  The mappings also hold the nodes of ``reward_nodes`` (tiny CLIP
+text/vision models, defective IMAGE batches) and ``erasure_nodes`` (a tiny real CLIP for the
+erasure features); ``common`` has what they share.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,82 +23,55 @@ if _TESTS_DIR not in sys.path:  # a server process: make tests/harness importabl
 
 from harness import tiny_models as tm  # noqa: E402
 
+from .common import CATEGORY, SEED, BuilderNode, display_names  # noqa: E402
+from .erasure_nodes import NODE_CLASS_MAPPINGS as ERASURE_NODES  # noqa: E402
+from .reward_nodes import NODE_CLASS_MAPPINGS as REWARD_NODES  # noqa: E402
+
 POINT_SET = "SDN_POINT_SET"
-CATEGORY = "sdn_test"
-_SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1})
 
 
-class TinyModel:
+class TinyModel(BuilderNode):
     """A tiny real MODEL: sd15 (EPS), sd15_v (V-prediction), sdxl, flow (CONST sampling)."""
 
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"family": (list(tm.FAMILIES),), "seed": _SEED}}
-
-    def build(self, family: str, seed: int) -> tuple[Any]:
-        return (tm.build_model(family, seed),)
+    REQUIRED = {"family": (list(tm.FAMILIES),), "seed": SEED}
+    make = staticmethod(tm.build_model)
 
 
-class TinyVAE:
+class TinyVAE(BuilderNode):
     """A tiny real 8x VAE with 4 or 16 latent channels."""
 
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("VAE",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"seed": _SEED, "channels": (list(tm.VAE_CHANNELS),)}}
-
-    def build(self, seed: int, channels: int = 4) -> tuple[Any]:
-        return (tm.build_vae(seed, int(channels)),)
+    REQUIRED = {"seed": SEED, "channels": (list(tm.VAE_CHANNELS),)}
+    make = staticmethod(tm.build_vae)
 
 
-class TinyConditioning:
+class TinyConditioning(BuilderNode):
     """CONDITIONING [[cond [1, tokens, 32], {"pooled_output": [1, 32]}]]; ``zero`` = empty."""
 
-    CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {
-            "seed": _SEED,
-            "tokens": ("INT", {"default": 4, "min": 1, "max": 77}),
-            "family": (list(tm.FAMILIES),),
-            "zero": ("BOOLEAN", {"default": False}),
-        }}
-
-    def build(self, seed: int, tokens: int, family: str, zero: bool = False) -> tuple[Any]:
-        return (tm.build_conditioning(seed, tokens, family, zero),)
+    REQUIRED = {
+        "seed": SEED,
+        "tokens": ("INT", {"default": 4, "min": 1, "max": 77}),
+        "family": (list(tm.FAMILIES),),
+        "zero": ("BOOLEAN", {"default": False}),
+    }
+    make = staticmethod(tm.build_conditioning)
 
 
-class PointSetNode:
+class PointSetNode(BuilderNode):
     """A random finite point set S [count, channels, height, width] (process_in latent space)."""
 
-    CATEGORY = CATEGORY
     RETURN_TYPES = (POINT_SET,)
-    FUNCTION = "build"
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {
-            "seed": _SEED,
-            "count": ("INT", {"default": 12, "min": 1, "max": 4096}),
-            "channels": ("INT", {"default": 4, "min": 1, "max": 64}),
-            "height": ("INT", {"default": 8, "min": 1, "max": 256}),
-            "width": ("INT", {"default": 8, "min": 1, "max": 256}),
-            "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
-        }}
-
-    def build(self, seed: int, count: int, channels: int, height: int, width: int,
-              scale: float) -> tuple[Any]:
-        return (tm.make_point_set(seed, count, channels, height, width, scale),)
+    REQUIRED = {
+        "seed": SEED,
+        "count": ("INT", {"default": 12, "min": 1, "max": 4096}),
+        "channels": ("INT", {"default": 4, "min": 1, "max": 64}),
+        "height": ("INT", {"default": 8, "min": 1, "max": 256}),
+        "width": ("INT", {"default": 8, "min": 1, "max": 256}),
+        "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+    }
+    make = staticmethod(tm.make_point_set)
 
 
 class ExactDenoiser:
@@ -135,6 +114,56 @@ class PointStats:
         return {"ui": {"stats": [tm.point_stats(x0, points, unsafe_count, tolerance)]}, "result": ()}
 
 
+@dataclass(frozen=True)
+class TinyClip:
+    """The CLIP stand-in of :class:`TinyCheckpoint`: only what :class:`TinyTextEncode` reads."""
+
+    family: str = "sd15"
+    tokens: int = 4
+
+
+def text_seed(text: str) -> int:
+    """A stable 31-bit seed of ``text`` (sha256; unlike ``hash()`` it is the same in every process)."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
+
+
+class TinyCheckpoint:
+    """CheckpointLoaderSimple's outputs (MODEL, CLIP, VAE) from tiny sd15 models, no file."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {}, "optional": {"seed": SEED}}
+
+    def load(self, seed: int = 0) -> tuple[Any, TinyClip, Any]:
+        return tm.build_model("sd15", seed), TinyClip("sd15"), tm.build_vae(seed, 4)
+
+
+class TinyTextEncode:
+    """CLIPTextEncode's interface: CONDITIONING derived deterministically from the text.
+
+    Seeded by :func:`text_seed`; an empty (or whitespace-only) text gives all-zero conditioning.
+    Shapes as :func:`harness.tiny_models.build_conditioning` (``[1, tokens, 32]`` + pooled).
+    """
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"text": ("STRING", {"multiline": True}), "clip": ("CLIP",)}}
+
+    def encode(self, text: str, clip: TinyClip) -> tuple[Any]:
+        if not isinstance(clip, TinyClip):
+            raise TypeError(f"SDNTest_TinyTextEncode needs the CLIP of SDNTest_TinyCheckpoint, got "
+                            f"{type(clip).__name__}")
+        return (tm.build_conditioning(text_seed(text), clip.tokens, clip.family, zero=not text.strip()),)
+
+
 NODE_CLASS_MAPPINGS = {
     "SDNTest_TinyModel": TinyModel,
     "SDNTest_TinyVAE": TinyVAE,
@@ -142,6 +171,9 @@ NODE_CLASS_MAPPINGS = {
     "SDNTest_PointSet": PointSetNode,
     "SDNTest_ExactDenoiser": ExactDenoiser,
     "SDNTest_PointStats": PointStats,
+    "SDNTest_TinyCheckpoint": TinyCheckpoint,
+    "SDNTest_TinyTextEncode": TinyTextEncode,
+    **REWARD_NODES,
+    **ERASURE_NODES,
 }
-
-NODE_DISPLAY_NAME_MAPPINGS = {name: name.replace("SDNTest_", "Test: ") for name in NODE_CLASS_MAPPINGS}
+NODE_DISPLAY_NAME_MAPPINGS = display_names(NODE_CLASS_MAPPINGS)

@@ -1,0 +1,29 @@
+"""One module of the pack loaded by file path, for the benchmark scripts (``python benchmarks/x.py``
+puts this folder on ``sys.path``).
+
+The modules benchmarked (``kernels/guidance.py``, ``nodes/nudenet_detector.py``) run without
+ComfyUI, but importing them through their packages would run the pack's ``__init__.py`` files,
+which need ComfyUI; loading the one file avoids that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_pack_file(relative_path: str, module_name: str) -> ModuleType:
+    """``ROOT/relative_path`` imported as ``module_name`` (once; later calls return the same module)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / relative_path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {relative_path} from {ROOT}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,231 @@
+"""The embedded digits demo: the shipped bundle, its nodes, the example workflow and the README's
+first command (``demo/run_demo.py``) run end to end against a real ComfyUI server.
+
+Golden values (``tests/digits_golden.json``) come from the shipped bundle on the pinned ComfyUI;
+``SDN_REGENERATE_GOLDEN=1`` rewrites them (only after retraining the bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harness.locate import REPO_ROOT, RUNTIME_DIR, pack_module
+from harness.prompts import PromptBuilder
+from harness.workflow import EXAMPLE_WORKFLOWS_DIR, check_ui_workflow, load_ui_workflow, nodes_of_type, ui_to_api
+
+digits = pack_module("digits")
+WORKFLOW = EXAMPLE_WORKFLOWS_DIR / "digits_demo.json"
+GOLDEN = Path(__file__).resolve().parent / "digits_golden.json"
+DEFAULT_GUIDANCE = {"mode": "paper", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+                    "beta_threshold": 0.0}
+
+
+# -- the bundle ---------------------------------------------------------------------------------
+
+def test_bundle_is_small_hashed_and_complete(tmp_path: Path) -> None:
+    path = digits.BUNDLE_PATH
+    assert path.stat().st_size <= 10 * 1024 * 1024
+    assert digits.sha256_file(path) == digits.recorded_hash()
+    assert digits.verify_bundle() == path
+    meta = digits.read_metadata()
+    assert meta["format"] == digits.FORMAT and meta["resolution"] == "64"
+    assert meta["training"]["seed"] == 0 and meta["training"]["classifier_accuracy"] > 0.9
+    data = digits.load_data()
+    assert data.images.shape == (1797, 8, 8) and data.images.max() == 16
+    assert np.bincount(data.labels, minlength=10).min() >= 170
+    # A damaged copy is refused with a message that says what to do.
+    bad = tmp_path / digits.BUNDLE_NAME
+    blob = bytearray(path.read_bytes())
+    blob[-1] ^= 1
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(digits.BundleError, match="damaged or was replaced"):
+        digits.verify_bundle(bad, digits.HASH_PATH)
+
+
+def test_classifier_reads_the_training_digits() -> None:
+    data = digits.load_data()
+    probs = digits.DigitClassifier.load().probabilities(digits.upsample(data.images))
+    assert probs.shape == (1797, 10) and np.allclose(probs.sum(1), 1.0)
+    assert (probs.argmax(1) == data.labels).mean() > 0.97
+
+
+def test_negation_images_are_the_training_sevens(tmp_path: Path) -> None:
+    folder = tmp_path / "digits_7"
+    count = digits.write_negation_images(folder, 7)
+    data = digits.load_data()
+    assert count == int((data.labels == 7).sum()) == len(list(folder.glob("*.png")))
+    first = sorted(folder.glob("*.png"))[0]
+    with Image.open(first) as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+        pixels = np.asarray(im, dtype=np.float32) / 255.0
+    index = int(first.stem)
+    assert data.labels[index] == 7
+    assert np.abs(pixels - digits.upsample(data.images[index:index + 1])[0]).max() <= 0.5 / 255 + 1e-6
+    assert digits.write_negation_images(folder, 7) == 0  # an existing folder is never rewritten
+
+
+def test_distance_to_training_digits_is_the_nearest_neighbour() -> None:
+    nearest = digits.NearestTraining.load()
+    data = digits.load_data()
+    assert np.allclose(nearest.distances(digits.upsample(data.images[:5])), 0.0, atol=1e-6)
+    blank = np.zeros((2, 64, 64, 3), dtype=np.float32)
+    expected = np.sqrt((nearest.features ** 2).sum(1).min())
+    assert np.allclose(nearest.distances(blank), expected)
+
+
+# -- the nodes ------------------------------------------------------------------------------------
+
+def test_nodes_are_documented(comfy) -> None:
+    info = comfy.object_info()
+    for node_id in ("SDN_LoadDemoModel", "SDN_DemoDigitConditioning"):
+        cls = comfy.nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert cls.CATEGORY == "safe_denoiser/demo"
+        assert "without downloading a checkpoint" in cls.DESCRIPTION
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and all(cls.OUTPUT_TOOLTIPS)
+        for spec in info[node_id]["input"]["required"].values():
+            assert spec[1]["tooltip"]
+    assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS["SDN_LoadDemoModel"] == "Load Demo Model (digits)"
+    choices = info["SDN_DemoDigitConditioning"]["input"]["required"]["digit"][0]
+    assert choices == ["any"] + [str(d) for d in range(10)]
+
+
+def test_pack_writes_the_demo_negation_set(comfy) -> None:
+    folder = Path(comfy.folder_paths.models_dir) / "negation_sets" / "digits_7"
+    assert len(list(folder.glob("*.png"))) == int((digits.load_data().labels == 7).sum())
+
+
+def golden_prompt(digit: str = "7", batch: int = 4) -> dict:
+    b = PromptBuilder()
+    load = b.add("SDN_LoadDemoModel")
+    pos = b.add("SDN_DemoDigitConditioning", digit=digit)
+    neg = b.add("SDN_DemoDigitConditioning", digit="any")
+    latent = b.add("EmptyLatentImage", width=64, height=64, batch_size=batch)
+    sampler = b.add("KSampler", model=load.out(0), seed=1234, steps=8, cfg=4.0, sampler_name="euler",
+                    scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)
+    b.add("VAEDecode", node_id="decode", samples=sampler, vae=load.out(1))
+    b.add("PreviewImage", images=["decode", 0])
+    return b.build()
+
+
+def test_fixed_seed_reproduces_the_golden_output(comfy) -> None:
+    out = comfy.run_prompt(golden_prompt())
+    latent = out.result(nodes_of_type(golden_prompt(), "KSampler")[0])[0]["samples"]
+    pixels = out.result("decode")[0]
+    probs = digits.DigitClassifier.load().probabilities(pixels.numpy())
+    got = {"latent": latent.flatten().tolist(), "labels": probs.argmax(1).tolist()}
+    if os.environ.get("SDN_REGENERATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got) + "\n", encoding="utf-8")
+        pytest.skip("golden values rewritten")
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    assert latent.shape == (4, 4, 8, 8)
+    torch.testing.assert_close(latent.flatten(), torch.tensor(golden["latent"]), atol=2e-3, rtol=1e-3)
+    assert got["labels"] == golden["labels"]
+
+
+def test_bad_digit_is_refused(comfy) -> None:
+    from harness.errors import ComfyPromptError
+
+    prompt = golden_prompt()
+    prompt[nodes_of_type(prompt, "SDN_DemoDigitConditioning")[0]]["inputs"]["digit"] = "11"
+    with pytest.raises(ComfyPromptError) as err:
+        comfy.run_prompt(prompt)
+    assert err.value.stage == "validation"
+
+
+# -- the example workflow ---------------------------------------------------------------------------
+
+def test_workflow_pairs_plain_and_safe_sampling(comfy) -> None:
+    info = comfy.object_info()
+    workflow = load_ui_workflow(WORKFLOW)
+    assert check_ui_workflow(workflow, info) == []
+    assert (EXAMPLE_WORKFLOWS_DIR / "digits_demo.jpg").is_file()
+    prompt = ui_to_api(workflow, info)
+    (plain,), (safe,) = nodes_of_type(prompt, "KSampler"), nodes_of_type(prompt, "SDN_SafeDenoiserKSampler")
+    shared = ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise", "model", "positive", "negative",
+              "latent_image")
+    assert {k: prompt[plain]["inputs"][k] for k in shared} == {k: prompt[safe]["inputs"][k] for k in shared}
+    assert {k: prompt[safe]["inputs"][k] for k in DEFAULT_GUIDANCE} == DEFAULT_GUIDANCE
+    (loader,) = nodes_of_type(prompt, "SDN_LoadNegationSet")
+    assert prompt[loader]["inputs"]["set_name"] == "digits_7" and prompt[loader]["inputs"]["resolution"] == 64
+    assert len(nodes_of_type(prompt, "SaveImage")) == 2
+    if "SDN_NudityRewardPreview" in info:
+        assert len(nodes_of_type(prompt, "SDN_NudityRewardPreview")) == 2
+
+
+def test_workflow_runs_in_process(comfy) -> None:
+    """The workflow as a user queues it (batch shrunk), scoring nodes included when NudeNet is there."""
+    info = comfy.object_info()
+    prompt = ui_to_api(load_ui_workflow(WORKFLOW), info)
+    (latent,) = nodes_of_type(prompt, "EmptyLatentImage")
+    prompt[latent]["inputs"]["batch_size"] = 2
+    rewards = nodes_of_type(prompt, "SDN_NudityRewardPreview")
+    try:
+        import nudenet  # noqa: F401
+    except ImportError:
+        for node_id in rewards:
+            del prompt[node_id]
+    out = comfy.run_prompt(prompt)
+    for save in nodes_of_type(prompt, "SaveImage"):
+        assert len(out[save]["images"]) == 2
+
+
+# -- the README's first command -------------------------------------------------------------------
+
+SAMPLES = 120
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("demo_output")
+    cmd = [sys.executable, "-m", "demo.run_demo", "--samples", str(SAMPLES), "--batch", str(SAMPLES),
+           "--out", str(out), "--runtime-dir", str(RUNTIME_DIR)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rate of 7" in proc.stdout and "report.json" in proc.stdout
+    return json.loads((out / "report.json").read_text(encoding="utf-8")), out
+
+
+def test_demo_writes_report_grids_and_plot(demo_report: tuple[dict, Path]) -> None:
+    report, out = demo_report
+    assert report["negated_class"] == 7 and report["seconds"] > 0
+    arms = {(a["prompt"], a["guidance"]): a for a in report["arms"]}
+    assert set(arms) == {(p, g) for p in ("any", "7") for g in ("none", "safe_denoiser")}
+    for arm in report["arms"]:
+        assert arm["n"] == SAMPLES and sum(arm["class_histogram"]) == SAMPLES and len(arm["class_histogram"]) == 10
+        assert arm["negated_rate"] == pytest.approx(arm["class_histogram"][7] / SAMPLES)
+        assert 0.0 < arm["mean_confidence"] <= 1.0 and arm["mean_distance_to_data"] > 0.0
+        grid = out / f"grid_prompt_{arm['prompt']}_{arm['guidance']}.png"
+        with Image.open(grid) as im:
+            assert im.size[0] >= 320
+    with Image.open(out / "histograms.png") as im:
+        assert im.size == (1000, 420)
+    with Image.open(out / "pairs.png") as im:  # 40 samples per prompt: plain beside Safe Denoiser
+        assert im.size == (2 * 320 + 3 * 16, 2 * (128 + 18 + 16) + 16)
+
+
+def tv_without(a: list[int], b: list[int], skip: int) -> float:
+    """Total-variation distance of two histograms renormalised without class ``skip``."""
+    p, q = (np.delete(np.array(h, dtype=float), skip) for h in (a, b))
+    return 0.5 * float(np.abs(p / p.sum() - q / q.sum()).sum())
+
+
+def test_demo_shows_the_safe_denoiser_removes_the_class(demo_report: tuple[dict, Path]) -> None:
+    report, _ = demo_report
+    arms = {(a["prompt"], a["guidance"]): a for a in report["arms"]}
+    plain, safe = arms[("any", "none")], arms[("any", "safe_denoiser")]
+    assert plain["negated_rate"] >= 0.06  # the model learned the class
+    assert safe["negated_rate"] <= 0.01  # ... and the Safe Denoiser at its defaults removes it
+    assert tv_without(plain["class_histogram"], safe["class_histogram"], 7) <= 0.15  # the rest is kept
+    assert abs(safe["mean_confidence"] - plain["mean_confidence"]) <= 0.05  # still digits ...
+    assert safe["mean_distance_to_data"] <= 2.0 * plain["mean_distance_to_data"]  # ... not blobs
+    assert arms[("7", "none")]["negated_rate"] >= 0.80  # the unsafe prompt
+    assert arms[("7", "safe_denoiser")]["negated_rate"] < 0.20
