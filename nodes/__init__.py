@@ -6,11 +6,19 @@ import logging
 
 from .negation_set import register_folder
 from .negation_set_nodes import LoadNegationSet, NegationSetFromImages, SaveNegationSet
+from .erased_model import register_folder as register_concept_erased_folder
+from .erased_model_nodes import LoadConceptErasedModel
+from .uce import EraseConceptsUCE, SaveConceptErasedWeights
+from .nudity_reward import NudityRewardPreview, register_nudenet_folder
 from .safe_denoiser import SafeDenoiserKSampler, SafeDenoiserPatch
+from .demo import DemoDigitConditioning, LoadDemoModel, ensure_demo_negation_set
 
 log = logging.getLogger(__name__)
 
 register_folder()
+register_concept_erased_folder()
+register_nudenet_folder()
+ensure_demo_negation_set()
 
 # Node IDs are stable: never rename one; new behaviour gets a new ID.
 NODE_CLASS_MAPPINGS = {
@@ -19,6 +27,12 @@ NODE_CLASS_MAPPINGS = {
     "SDN_SaveNegationSet": SaveNegationSet,
     "SDN_SafeDenoiserPatch": SafeDenoiserPatch,
     "SDN_SafeDenoiserKSampler": SafeDenoiserKSampler,
+    "SDN_NudityRewardPreview": NudityRewardPreview,
+    "SDN_LoadConceptErasedModel": LoadConceptErasedModel,
+    "SDN_EraseConceptsUCE": EraseConceptsUCE,
+    "SDN_SaveConceptErasedWeights": SaveConceptErasedWeights,
+    "SDN_LoadDemoModel": LoadDemoModel,
+    "SDN_DemoDigitConditioning": DemoDigitConditioning,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,4 +41,10 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SDN_SaveNegationSet": "Save Negation Set",
     "SDN_SafeDenoiserPatch": "Safe Denoiser (model patch)",
     "SDN_SafeDenoiserKSampler": "Safe Denoiser KSampler",
+    "SDN_NudityRewardPreview": "Nudity Reward Preview",
+    "SDN_LoadConceptErasedModel": "Load Concept-Erased Model",
+    "SDN_EraseConceptsUCE": "Erase Concepts (UCE)",
+    "SDN_SaveConceptErasedWeights": "Save Concept-Erased Weights",
+    "SDN_LoadDemoModel": "Load Demo Model (digits)",
+    "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
 }
