@@ -165,9 +165,9 @@ class SafeDenoiserHook:
         if st.mode == "paper":
             prep = self.negation.prepared(lf, height, width, x.device, storage, "paper")
             alpha, std = (t.to(x.device) for t in forward_coefficients(ms, sigma.reshape(-1).expand(bsz)))
-            width = PAPER_BANDWIDTH * st.bandwidth
-            km = kernel_posterior_mean(xf, prep.y, alpha, std, width, y_sq=prep.y_sq)
-            beta = beta_estimate(km.log_norm, xf, alpha, std, prep.y.shape[0], prep.ref_mean, prep.ref_var, width,
+            reach = PAPER_BANDWIDTH * st.bandwidth  # kernel std in units of s_t
+            km = kernel_posterior_mean(xf, prep.y, alpha, std, reach, y_sq=prep.y_sq)
+            beta = beta_estimate(km.log_norm, xf, alpha, std, prep.y.shape[0], prep.ref_mean, prep.ref_var, reach,
                                  eta=PAPER_ETA * st.strength, p_max=PAPER_P_MAX)
             beta = torch.where(active & (beta >= st.beta_threshold), beta, torch.zeros_like(beta))
             log.debug("Safe Denoiser: sigma %.4g beta %s", float(sigma.reshape(-1)[0]), beta.tolist())

@@ -1,4 +1,5 @@
-"""Exactness and robustness of kernels/guidance.py against closed forms (pure torch, CPU)."""
+"""Exactness and robustness of kernels/guidance.py against closed forms (pure torch; CPU, and CUDA
+where a GPU is present: the ``device`` parameter)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ _spec = importlib.util.spec_from_file_location("sdn_kernels_guidance", _PATH)
 G = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = G
 _spec.loader.exec_module(G)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 PARAMETERISATIONS = {
     "eps_ve": lambda sigma: (1.0, sigma),  # EPS / V-prediction in ComfyUI's k-diffusion space
@@ -37,9 +40,10 @@ def point_problem(seed, dim=48, n_points=30, n_unsafe=9, batch=6):
     return g, pts, unsafe, safe, batch
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("param", sorted(PARAMETERISATIONS))
 @pytest.mark.parametrize("sigma", [0.3, 0.9, 3.0])
-def test_eq4_with_exact_beta_gives_safe_posterior_mean(param, sigma):
+def test_eq4_with_exact_beta_gives_safe_posterior_mean(param, sigma, device):
     """Eq. 4 with beta* = sum_U k / sum_{S\\U} k equals the posterior mean over S\\U exactly.
 
     The identity is exact, its float64 evaluation loses about log10(1 + beta*) digits (it
@@ -54,11 +58,15 @@ def test_eq4_with_exact_beta_gives_safe_posterior_mean(param, sigma):
     x0 = pts[torch.randint(0, pts.shape[0], (batch,), generator=g)]
     x = alpha[:, None] * x0 + std[:, None] * torch.randn(x0.shape, generator=g, dtype=torch.float64)
 
-    data = G.kernel_posterior_mean(x, pts, alpha, std)
-    neg = G.kernel_posterior_mean(x, unsafe, alpha, std, chunk=4)
-    pos = G.kernel_posterior_mean(x, safe, alpha, std)
+    on = lambda t: t.to(device) if torch.is_tensor(t) else t  # noqa: E731  (closed forms stay on the CPU)
+    data = G.kernel_posterior_mean(on(x), on(pts), on(alpha), on(std))
+    neg = G.kernel_posterior_mean(on(x), on(unsafe), on(alpha), on(std), chunk=4)
+    pos = G.kernel_posterior_mean(on(x), on(safe), on(alpha), on(std))
     beta_star = torch.exp(neg.log_norm - pos.log_norm)
     combined = G.safe_combine(data.mean, neg.mean, beta_star)
+    assert combined.device.type == device
+    combined, beta_star = combined.cpu(), beta_star.cpu()
+    neg = G.KernelMean(mean=neg.mean.cpu(), log_norm=neg.log_norm.cpu())
 
     expected, _ = naive_posterior(x, safe, alpha, std)
     keep = beta_star <= 1e6
@@ -90,7 +98,8 @@ def test_bandwidth_scales_the_kernel_std():
     assert torch.allclose(wide.mean, same.mean, rtol=1e-12, atol=1e-12)
 
 
-def test_beta_estimate_closed_form():
+@pytest.mark.parametrize("device", DEVICES)
+def test_beta_estimate_closed_form(device):
     """beta = P / (1 - P), P = min(p_max, eta * q_t / g_t), with both densities normalised."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 12, generator=g, dtype=torch.float64)
@@ -98,12 +107,14 @@ def test_beta_estimate_closed_form():
     m = torch.randn(12, generator=g, dtype=torch.float64) * 0.1
     v = torch.rand(12, generator=g, dtype=torch.float64) + 0.2
     a, s, h = 0.7, torch.tensor([0.9, 1.0, 1.1, 1.3], dtype=torch.float64), 1.5
-    km = G.kernel_posterior_mean(x, y, a, s, bandwidth=h)
+    km = G.kernel_posterior_mean(x.to(device), y.to(device), a, s.to(device), bandwidth=h)
+    km = G.KernelMean(mean=km.mean.cpu(), log_norm=km.log_norm.cpu())
     normal = torch.distributions.Normal
     log_q = torch.logsumexp(normal(a * y[None], (h * s)[:, None, None]).log_prob(x[:, None]).sum(-1), 1) - math.log(7)
     log_g = normal(a * m, torch.sqrt(a * a * v + (h * s)[:, None] ** 2)).log_prob(x).sum(-1)
     for eta in (0.1, 0.8):
-        beta = G.beta_estimate(km.log_norm, x, a, s, 7, m, v, bandwidth=h, eta=eta, p_max=0.9)
+        beta = G.beta_estimate(km.log_norm.to(device), x.to(device), a, s.to(device), 7, m.to(device), v.to(device),
+                               bandwidth=h, eta=eta, p_max=0.9).cpu()
         p = torch.clamp(eta * torch.exp(log_q - log_g), max=0.9)
         assert torch.allclose(beta, p / (1 - p), rtol=1e-10)
     assert torch.allclose(beta, torch.full((4,), 9.0, dtype=torch.float64))  # eta = 0.8: every P at its cap
@@ -186,11 +197,12 @@ def test_huge_distances_stay_finite():
     assert torch.isfinite(ref.mean).all() and torch.all(ref.mean == 0)  # kernel sum underflows -> no correction
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_accumulate_in_fp32(dtype):
+def test_half_inputs_accumulate_in_fp32(dtype, device):
     g = torch.Generator().manual_seed(10)
-    y = torch.randn(300, 64, generator=g)
-    x = torch.randn(4, 64, generator=g) * 2
+    y = torch.randn(300, 64, generator=g).to(device)
+    x = (torch.randn(4, 64, generator=g) * 2).to(device)
     exact = G.kernel_posterior_mean(x.double(), y.double(), 1.0, 2.0)
     half = G.kernel_posterior_mean(x.to(dtype), y.to(dtype), 1.0, 2.0, chunk=64)
     assert half.mean.dtype == torch.float32
@@ -199,19 +211,21 @@ def test_half_inputs_accumulate_in_fp32(dtype):
     rounded = G.kernel_posterior_mean(x.to(dtype).double(), y.to(dtype).double(), 1.0, 2.0)
     assert torch.allclose(half.mean.double(), rounded.mean, rtol=1e-4, atol=1e-4)
     assert (half.mean.double() - exact.mean).abs().max() < 0.1
-    out = G.safe_combine(x.to(dtype), half.mean, torch.ones(4))
-    assert out.dtype == dtype and torch.isfinite(out).all()
+    out = G.safe_combine(x.to(dtype), half.mean, torch.ones(4, device=device))
+    assert out.dtype == dtype and out.device.type == device and torch.isfinite(out).all()
 
 
-def test_hundred_thousand_latents_chunked():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hundred_thousand_latents_chunked(device):
     g = torch.Generator().manual_seed(11)
     n, d = 100_000, 64
-    y = torch.randn(n, d, generator=g)
-    x = y[:4] * 1.0 + 0.01 * torch.randn(4, d, generator=g)
+    y = torch.randn(n, d, generator=g).to(device)
+    x = y[:4] * 1.0 + 0.01 * torch.randn(4, d, generator=g).to(device)
     km = G.kernel_posterior_mean(x, y, 1.0, 0.01, chunk=8192)
     assert torch.isfinite(km.mean).all() and torch.isfinite(km.log_norm).all()
     # at tiny noise the posterior mean snaps to the nearest latent
     assert torch.allclose(km.mean, y[:4], atol=1e-3)
     sub = G.kernel_posterior_mean(x, y, 1.0, 50.0, chunk=8192)
     assert torch.allclose(sub.mean, y.mean(0, keepdim=True).expand(4, d), atol=0.05)
+    assert km.mean.device.type == device
     assert math.isfinite(float(sub.log_norm[0]))

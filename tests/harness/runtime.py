@@ -13,6 +13,7 @@ import asyncio
 import copy
 import inspect
 import logging
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -139,7 +140,8 @@ class ComfySession:
         if str(self.path) not in sys.path:
             sys.path.insert(0, str(self.path))
         saved_argv = sys.argv
-        sys.argv = ["comfyui-in-process", "--cpu"]
+        # SDN_TEST_GPU=1: let ComfyUI pick the GPU (the CUDA paths of the in-process tests); else the CPU.
+        sys.argv = ["comfyui-in-process"] + ([] if os.environ.get("SDN_TEST_GPU") == "1" else ["--cpu"])
         try:
             import comfy.options
 
