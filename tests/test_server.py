@@ -30,7 +30,14 @@ DISPLAY_NAMES = {
     "SDN_SaveNegationSet": "Save Negation Set",
     "SDN_SafeDenoiserPatch": "Safe Denoiser (model patch)",
     "SDN_SafeDenoiserKSampler": "Safe Denoiser KSampler",
+    "SDN_NudityRewardPreview": "Nudity Reward Preview",
+    "SDN_LoadConceptErasedModel": "Load Concept-Erased Model",
+    "SDN_EraseConceptsUCE": "Erase Concepts (UCE)",
+    "SDN_SaveConceptErasedWeights": "Save Concept-Erased Weights",
+    "SDN_LoadDemoModel": "Load Demo Model (digits)",
+    "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
 }
+"""Every node of the pack: IDs are stable (new behaviour gets a new ID), so this list only grows."""
 GOOD_SETS = ("nudity", "good.safetensors")
 BAD_SETS = ("corrupt.safetensors", "nan.safetensors", "sixteen.safetensors")
 
