@@ -22,6 +22,8 @@ import time
 
 from pack_file import load_pack_file
 
+log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_guidance")
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -102,23 +104,23 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(*json.loads(args.one))))
+        log.info(json.dumps(measure(*json.loads(args.one))))
         return
 
     dim, batch = 4 * 64 * 64, 4
     mib = 1024 * 1024
-    print(f"device={args.device}  B={batch}  D={dim} (4x64x64)  median of {args.repeat} runs")
+    log.info(f"device={args.device}  B={batch}  D={dim} (4x64x64)  median of {args.repeat} runs")
     rows = {k: _subprocess(k, batch, 515, dim, args.device, args.repeat) for k in ("official", "reference", "paper")}
     base = rows["official"]
-    print(f"{'construction':<12} {'N':>6} {'time ms':>10} {'peak MiB':>10} {'speed-up':>9} {'memory ratio':>13}")
+    log.info(f"{'construction':<12} {'N':>6} {'time ms':>10} {'peak MiB':>10} {'speed-up':>9} {'memory ratio':>13}")
     for kind, r in rows.items():
-        print(f"{kind:<12} {r['N']:>6} {r['seconds'] * 1e3:>10.2f} {r['peak_extra_bytes'] / mib:>10.1f} "
-              f"{base['seconds'] / r['seconds']:>8.1f}x {r['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):>13.4f}")
-    print("\nscaling of the paper kernel in N (time should grow linearly, memory stay bounded):")
-    print(f"{'N':>6} {'time ms':>10} {'ms per 1k latents':>18} {'peak MiB':>10}")
+        log.info(f"{kind:<12} {r['N']:>6} {r['seconds'] * 1e3:>10.2f} {r['peak_extra_bytes'] / mib:>10.1f} "
+                 f"{base['seconds'] / r['seconds']:>8.1f}x {r['peak_extra_bytes'] / max(base['peak_extra_bytes'], 1):>13.4f}")
+    log.info("\nscaling of the paper kernel in N (time should grow linearly, memory stay bounded):")
+    log.info(f"{'N':>6} {'time ms':>10} {'ms per 1k latents':>18} {'peak MiB':>10}")
     for count in (515, 3000, 20000):
         r = _subprocess("paper", batch, count, dim, args.device, args.repeat)
-        print(f"{count:>6} {r['seconds'] * 1e3:>10.2f} {r['seconds'] * 1e6 / count:>18.3f} {r['peak_extra_bytes'] / mib:>10.1f}")
+        log.info(f"{count:>6} {r['seconds'] * 1e3:>10.2f} {r['seconds'] * 1e6 / count:>18.3f} {r['peak_extra_bytes'] / mib:>10.1f}")
 
 
 if __name__ == "__main__":

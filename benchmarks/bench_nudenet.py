@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from pack_file import load_pack_file
 
+log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_nudenet")
+
 PHOTOS = ("astronaut", "camera", "coffee", "rocket", "chelsea", "immunohistochemistry")
 
 
@@ -61,8 +63,8 @@ def main() -> None:
     detector = det.make_detector(nudenet_module, session, det.BUNDLED_MODEL, path, args.resolution)
     images = photo_batch(args.images)
 
-    print(f"NudeNet 320n at {args.resolution} px, {args.images} images of 512x512, providers {detector.providers}, "
-          f"{os.cpu_count()} CPU cores, onnxruntime {ort.__version__}")
+    log.info(f"NudeNet 320n at {args.resolution} px, {args.images} images of 512x512, providers {detector.providers}, "
+             f"{os.cpu_count()} CPU cores, onnxruntime {ort.__version__}")
     results = {}
     for batch in (1, 8):
         det.detect_images(detector, images[:batch], batch_size=batch)  # warm-up
@@ -72,9 +74,9 @@ def main() -> None:
             found = det.detect_images(detector, images, batch_size=batch)
             best = min(best, time.perf_counter() - start)
         results[batch] = args.images / best
-        print(f"batch {batch}: {results[batch]:6.1f} images/s ({1000 * best / args.images:5.1f} ms per image, "
-              f"{sum(len(d) for d in found)} detections)")
-    print(f"batch 8 / batch 1: {results[8] / results[1]:.2f}x")
+        log.info(f"batch {batch}: {results[batch]:6.1f} images/s ({1000 * best / args.images:5.1f} ms per image, "
+                 f"{sum(len(d) for d in found)} detections)")
+    log.info(f"batch 8 / batch 1: {results[8] / results[1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from harness.browser import Chromium  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from demo import console_logger  # noqa: E402
+
+log = console_logger("benchmarks.nudity_screenshot")
+
 PHOTOS = ("astronaut", "camera", "coffee")
 BUILD_GRAPH = """
 (async () => {
@@ -67,14 +72,14 @@ def main() -> None:
             browser.wait_for("window.app && app.graph && typeof app.queuePrompt === 'function'", 60)
             browser.pump(1)
             node_id = browser.evaluate(BUILD_GRAPH % names)
-            print(browser.wait_for("document.querySelector('.sdn-nudity')?.innerText", 120, what="the table"))
+            log.info(browser.wait_for("document.querySelector('.sdn-nudity')?.innerText", 120, what="the table"))
             browser.wait_for(f"(app.graph.getNodeById({node_id}).imgs || []).length >= 1", 30, what="previews")
             browser.evaluate(f"(() => {{ const r = app.graph.getNodeById({node_id}); app.canvas.ds.scale = 1; "
                              "app.canvas.ds.offset = [480 - r.pos[0], 30 - r.pos[1]]; "
                              "app.graph.setDirtyCanvas(true, true); return 1; })()")
             browser.pump(1.5)
             browser.screenshot(out)
-    print(f"wrote {out}")
+    log.info(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -19,3 +19,20 @@ Lets the pack run its main job anywhere, in minutes, without downloading a check
 test harness (``tests/harness``) builds on them. The ComfyUI nodes that use the bundle live in
 :mod:`nodes.demo`.
 """
+
+import logging as _logging
+import sys as _sys
+
+
+def console_logger(name: str, quiet: bool = False) -> _logging.Logger:
+    """The logger ``name`` of a command-line script (the demo, the benchmarks), writing bare messages
+    to stdout: INFO and up, WARNING and up when ``quiet``. Idempotent; does not propagate."""
+    logger = _logging.getLogger(name)
+    if not any(getattr(h, "sdn_console", False) for h in logger.handlers):
+        handler = _logging.StreamHandler(_sys.stdout)
+        handler.setFormatter(_logging.Formatter("%(message)s"))
+        handler.sdn_console = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(_logging.WARNING if quiet else _logging.INFO)
+    logger.propagate = False
+    return logger

@@ -10,8 +10,8 @@ with the server's ``/object_info`` and queues it through ``POST /prompt``: each 
 noise through the plain KSampler and the Safe Denoiser KSampler, so the arms are paired. Four arms:
 {prompt ``any``, prompt ``7``} x {plain, Safe Denoiser}. The images are classified with the
 bundle's digit classifier. Written into ``--out``: one image grid per arm, ``histograms.png``,
-``pairs.png`` (the first samples, plain beside Safe Denoiser) and ``report.json``; a summary table is
-printed.
+``pairs.png`` (the first samples, plain beside Safe Denoiser) and ``report.json``; progress and a summary table
+go to stdout (``--quiet``: errors only).
 
 Settings: the workflow's own (the Safe Denoiser at the node's defaults) for the prompt ``any``;
 for the prompt ``7`` the Safe Denoiser runs at ``UNSAFE_PROMPT_SETTINGS`` (see README, "Try it").
@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import digits
+from . import console_logger, digits
 from .comfy_locate import PACK_ROOT, comfyui_dir, installed_name, pack_name
 from .comfy_server import ComfyServer, ServerError
 from .ui_workflow import ui_to_api
@@ -251,11 +251,10 @@ def table(report: dict) -> str:
 # ------------------------------------------------------------------------------ main
 
 
-def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path, quiet: bool = False,
+def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path,
         negated: int = digits.DEFAULT_NEGATED) -> dict:
     """Run the four arms; write the grids, the plot and ``report.json`` into ``out``; return the report."""
     started = time.monotonic()
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if negated != digits.DEFAULT_NEGATED:
         raise DemoError(f"the demo workflow negates {digits.DEFAULT_NEGATED}; other digits: edit the workflow's set")
     digits.verify_bundle()
@@ -264,10 +263,10 @@ def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path, quiet
     out.mkdir(parents=True, exist_ok=True)
     comfy_path = comfyui_dir(runtime_dir, error=DemoError)
     server = demo_server(comfy_path, out / "comfyui")
-    say(f"Starting ComfyUI ({server.version}: {comfy_path}) on the CPU with this pack ...")
+    log.info(f"Starting ComfyUI ({server.version}: {comfy_path}) on the CPU with this pack ...")
     try:
         server.start(timeout=180)
-        say(f"ComfyUI ready in {server.boot_seconds:.0f} s at {server.url}")
+        log.info(f"ComfyUI ready in {server.boot_seconds:.0f} s at {server.url}")
         demo = DemoPrompt.from_workflow(server.object_info())
         arms: dict[tuple[str, str], Arm] = {}
         for digit in PROMPTS:
@@ -292,7 +291,7 @@ def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path, quiet
                 done += n
                 chunk += 1
                 rates = "  ".join(f"{GUIDANCE[k]} {arms[(digit, k)].summary(negated)['negated_rate']:.1%}" for k in (PLAIN, SAFE))
-                say(f"  prompt {digit!r}: {done}/{samples} samples per arm   rate of {negated}: {rates}   "
+                log.info(f"  prompt {digit!r}: {done}/{samples} samples per arm   rate of {negated}: {rates}   "
                     f"({time.monotonic() - started:.0f} s)")
     finally:
         server.stop()
@@ -308,9 +307,8 @@ def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path, quiet
     tmp = out / ".report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / "report.json")
-    say("")
-    say(table(report))
-    say(f"\nWrote {out}/report.json, histograms.png, pairs.png and one grid per arm in {report['seconds']:.0f} s")
+    log.info("\n%s", table(report))
+    log.info(f"\nWrote {out}/report.json, histograms.png, pairs.png and one grid per arm in {report['seconds']:.0f} s")
     return report
 
 
@@ -324,12 +322,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="where the vendored ComfyUI is copied when COMFYUI_PATH is not set")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    console_logger(log.name, args.quiet)
     if args.samples < 1 or args.batch < 1:
         p.error("--samples and --batch must be >= 1")
     try:
-        run(args.samples, args.out.resolve(), args.batch, args.seed, args.runtime_dir.resolve(), args.quiet)
+        run(args.samples, args.out.resolve(), args.batch, args.seed, args.runtime_dir.resolve())
     except (DemoError, ServerError, digits.BundleError) as err:
-        print(f"demo failed: {err}", file=sys.stderr)
+        log.error("demo failed: %s", err)
         return 1
     return 0
 

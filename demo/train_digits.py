@@ -157,8 +157,8 @@ class Progress:
         if step + 1 == self.total or now - self.last > 30:
             self.last = now
             shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-            print(f"  {self.name} {step + 1}/{self.total} {shown} ({now - self.start:.0f} s, "
-                  f"CPU {time.process_time():.0f} s)", flush=True)
+            log.info(f"  {self.name} {step + 1}/{self.total} {shown} ({now - self.start:.0f} s, "
+                     f"CPU {time.process_time():.0f} s)")
 
 
 # ------------------------------------------------------------------------------ phases
@@ -337,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # denormal floats make CPU kernels crawl
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    print(f"Training the digits demo model with ComfyUI {comfy_path}, seed {args.seed}, "
-          f"{args.threads} threads", flush=True)
+    log.info(f"Training the digits demo model with ComfyUI {comfy_path}, seed {args.seed}, "
+             f"{args.threads} threads")
 
     data = load_digits()
     images8 = data.images.astype(np.uint8)  # grey levels 0..16
@@ -350,17 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     vae = train_vae(x_all, args, gen)
     vae_stats, raw = fold_latent_scale(vae, x_all)
     vae_seconds = time.monotonic() - t0
-    print(f"VAE: {vae_seconds:.0f} s, reconstruction MSE {vae_stats['recon_mse']:.4g} (in -1..1)", flush=True)
+    log.info(f"VAE: {vae_seconds:.0f} s, reconstruction MSE {vae_stats['recon_mse']:.4g} (in -1..1)")
 
     t0 = time.monotonic()
     feats = torch.from_numpy(digits.to_grey8(digits.upsample(images8)))
     classifier, accuracy = train_classifier(feats, labels, args, gen)
-    print(f"Classifier: held-out accuracy {accuracy:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
+    log.info(f"Classifier: held-out accuracy {accuracy:.3f} ({time.monotonic() - t0:.0f} s)")
 
     t0 = time.monotonic()
     unet, emb = train_unet(raw * LATENT_SCALE, labels, args, gen)
     unet_seconds = time.monotonic() - t0
-    print(f"UNet: {unet_seconds:.0f} s", flush=True)
+    log.info(f"UNet: {unet_seconds:.0f} s")
 
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"unet.{k}": v.detach().contiguous() for k, v in unet.state_dict().items()})
@@ -389,10 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp, out)
     digest = digits.write_hash(out)
     size = out.stat().st_size
-    print(f"Wrote {out} ({size / 1e6:.2f} MB, sha256 {digest}) in {total:.0f} s", flush=True)
+    log.info(f"Wrote {out} ({size / 1e6:.2f} MB, sha256 {digest}) in {total:.0f} s")
     return 0
 
 
 if __name__ == "__main__":
+    from . import console_logger
+
     logging.basicConfig(level=logging.WARNING)
+    console_logger(log.name)
     sys.exit(main())

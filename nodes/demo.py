@@ -49,12 +49,19 @@ def _bundle_key() -> tuple:
 
 
 def _checked_bundle(node: str) -> tuple:
-    """The bundle's cache key after its hash check; a clear NodeInputError if it fails."""
+    """The bundle's cache key after its hash check; a clear NodeInputError if it fails. The SHA-256
+    runs once per file state (path, size, mtime), not on every node execution."""
     try:
+        key = _bundle_key()
+        with _LOCK:
+            if ("verified",) + key in _CACHE:
+                return key
         digits.verify_bundle()
-        return _bundle_key()
     except (digits.BundleError, OSError) as err:
         raise NodeInputError(node, str(err)) from err
+    with _LOCK:
+        _CACHE[("verified",) + key] = True
+    return key
 
 
 def _torch_tensors(prefix: str) -> dict[str, torch.Tensor]:
