@@ -26,11 +26,13 @@ import comfy.samplers
 from ..kernels.guidance import (
     ReferenceGate,
     beta_estimate,
+    bound_beta,
     kernel_posterior_mean,
     reference_beta_threshold,
     reference_correct,
     reference_kernel_mean,
     safe_combine,
+    shift_bound,
 )
 from .comfy_compat import (
     NodeInputError,
@@ -42,6 +44,7 @@ from .comfy_compat import (
     supports_pre_cfg,
 )
 from .negation_set import NegationSet
+from .safe_denoiser_report import GuidanceReport
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,12 @@ REFERENCE_MAX_CALIBRATION = 1024
 # kernel width in units of the noise std s_t (1.0 would be the exact Eq. 6 posterior of the negation set
 # itself; 3.0 smooths it into a density estimate that also covers unsafe images not in the set).
 PAPER_ETA = 0.2
-PAPER_P_MAX = 0.99
+PAPER_P_MAX = 0.9999
 PAPER_BANDWIDTH = 3.0
+# Trust region of the correction (not in the paper): the Eq. 4 shift of the denoised estimate is bounded to
+# PAPER_SHIFT_BOUND x s_t / a_t RMS, the noise level in x0 units (kernels.guidance.shift_bound). Without it an
+# estimated E_unsafe multiplied by a large beta destroys samples at low noise (README "Choosing the defaults").
+PAPER_SHIFT_BOUND = 0.5
 # beta gates itself (it decays to 0 off the negation set), so the whole schedule is guided by default.
 # The paper's SD window t in [780, 1000] of 1000 DDPM steps is end_percent 1 - 780/999 = 0.22.
 DEFAULT_END_PERCENT = 1.0
@@ -127,8 +134,7 @@ class SafeDenoiserHook:
         self.negation = negation
         self.settings = settings
         self.uses_pre_cfg = uses_pre_cfg
-        self.calls = 0
-        self.corrected = 0
+        self.report = GuidanceReport(settings.mode)
 
     def __deepcopy__(self, memo: dict) -> "SafeDenoiserHook":
         return self
@@ -140,10 +146,17 @@ class SafeDenoiserHook:
         s = sigma.reshape(-1).to(torch.float64)
         return (s <= hi * (1 + 1e-6)) & (s >= lo * (1 - 1e-6)) & (s > 0)
 
-    def correction(self, model: Any, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> Optional[Correction]:
+    def correction(self, model: Any, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor,
+                   sample_sigmas: Any = None) -> Optional[Correction]:
         """The correction for this evaluation, or None when no sample is inside the window."""
+        self.report.evaluation(sigma, x.shape[0], sample_sigmas)
+        try:
+            return self._correction(model, x, denoised, sigma)
+        finally:
+            self.report.after_evaluation()
+
+    def _correction(self, model: Any, x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> Optional[Correction]:
         st = self.settings
-        self.calls += 1
         if st.strength == 0:
             return None
         ms = model.model_sampling
@@ -160,7 +173,6 @@ class SafeDenoiserHook:
         bsz, _, height, width = x.shape
         storage = x.dtype if (x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16)) else torch.float32
         xf, df = x.reshape(bsz, -1), denoised.reshape(bsz, -1)
-        self.corrected += 1
         lf = model.latent_format
         if st.mode == "paper":
             prep = self.negation.prepared(lf, height, width, x.device, storage, "paper")
@@ -170,14 +182,19 @@ class SafeDenoiserHook:
             beta = beta_estimate(km.log_norm, xf, alpha, std, prep.y.shape[0], prep.ref_mean, prep.ref_var, reach,
                                  eta=PAPER_ETA * st.strength, p_max=PAPER_P_MAX)
             beta = torch.where(active & (beta >= st.beta_threshold), beta, torch.zeros_like(beta))
-            log.debug("Safe Denoiser: sigma %.4g beta %s", float(sigma.reshape(-1)[0]), beta.tolist())
-            return Correction("paper", km.mean, beta)
+            noise_level = shift_bound(alpha, std, bsz).to(device=x.device, dtype=beta.dtype)  # s_t / a_t
+            bounded, shift = bound_beta(df, km.mean, beta, PAPER_SHIFT_BOUND * noise_level)
+            self.report.paper(beta, shift / noise_level.clamp_min(1e-12), bounded < beta)
+            log.debug("Safe Denoiser: sigma %.4g beta %s bounded %s", float(sigma.reshape(-1)[0]), beta.tolist(),
+                      bounded.tolist())
+            return Correction("paper", km.mean, bounded)
         prep = self.negation.prepared(lf, height, width, x.device, storage, "reference")
         ksigma = REFERENCE_SIGMA * st.bandwidth
         gate = ReferenceGate(self._reference_threshold(ms, lf, height, width, prep.y, ksigma), REFERENCE_MARGIN)
         km = reference_kernel_mean(df, prep.y, ksigma, y_sq=prep.y_sq)
         is_open = gate.open(km.log_norm) & active
         log.debug("Safe Denoiser (reference): sigma %.4g gate %s", float(sigma.reshape(-1)[0]), is_open.tolist())
+        self.report.reference(is_open)
         return Correction("reference", km.mean, is_open, REFERENCE_SCALE * st.strength)
 
     def _reference_threshold(self, ms: Any, lf: Any, height: int, width: int, y: torch.Tensor, ksigma: float) -> float:
@@ -205,7 +222,7 @@ class SafeDenoiserHook:
         x, sigma = args["input"], args["sigma"]
         uncond = out[1] if len(out) > 1 else None
         combined = out[0] if uncond is None else uncond + (out[0] - uncond) * args["cond_scale"]
-        corr = self.correction(args["model"], x, combined, sigma)
+        corr = self.correction(args["model"], x, combined, sigma, _sample_sigmas(args))
         if corr is None:
             return out
         return [None if o is None else corr.apply(o) for o in out]
@@ -215,8 +232,13 @@ class SafeDenoiserHook:
         denoised = args["denoised"]
         if self.uses_pre_cfg and "sampler_cfg_function" not in args.get("model_options", {}):
             return denoised
-        corr = self.correction(args["model"], args["input"], denoised, args["sigma"])
+        corr = self.correction(args["model"], args["input"], denoised, args["sigma"], _sample_sigmas(args))
         return denoised if corr is None else corr.apply(denoised)
+
+
+def _sample_sigmas(args: dict) -> Any:
+    """The run's schedule where ComfyUI passes it to hooks (current releases), else None."""
+    return args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
 
 
 def channel_mismatch(negation: NegationSet, model_channels: int) -> str:
@@ -228,6 +250,12 @@ def channel_mismatch(negation: NegationSet, model_channels: int) -> str:
 
 def patch_model(model: Any, negation: NegationSet, settings: GuidanceSettings, node: str) -> Any:
     """A clone of ``model`` with the Safe Denoiser hooks registered; ``model`` is not modified."""
+    return patch_model_with_hook(model, negation, settings, node)[0]
+
+
+def patch_model_with_hook(model: Any, negation: NegationSet, settings: GuidanceSettings,
+                          node: str) -> tuple[Any, SafeDenoiserHook]:
+    """:func:`patch_model`, also returning the hook (whose ``report`` tells what the guidance did)."""
     if not isinstance(negation, NegationSet):
         raise NodeInputError(node, f"negation_set must come from a Load Negation Set node, got {type(negation).__name__}.")
     settings.validate(node)
@@ -240,7 +268,7 @@ def patch_model(model: Any, negation: NegationSet, settings: GuidanceSettings, n
     if hook.uses_pre_cfg:
         patched.set_model_sampler_pre_cfg_function(hook.pre_cfg)
     patched.set_model_sampler_post_cfg_function(hook.post_cfg)
-    return patched
+    return patched, hook
 
 
 # ------------------------------------------------------------------------------ nodes
@@ -311,8 +339,12 @@ class SafeDenoiserKSampler:
                    "Kim et al. NeurIPS 2025). Same inputs as KSampler plus the negation set and the guidance "
                    "parameters; works with every sampler and scheduler and with EPS, v-prediction and flow models.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The denoised latent.",)
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("LATENT", "report")
+    OUTPUT_TOOLTIPS = ("The denoised latent.",
+                       "What the guidance did in this run: the share of model evaluations and of samples corrected, the "
+                       "largest beta and the largest correction relative to the noise level. 'did nothing' means the "
+                       "negation set never came within reach.")
     FUNCTION = "sample"
 
     @classmethod
@@ -338,6 +370,8 @@ class SafeDenoiserKSampler:
     def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, **kwargs):
         import nodes as comfy_nodes  # ComfyUI's nodes.py (absolute import, not this package)
 
-        patched = patch_model(model, kwargs.pop("negation_set"), settings_from(kwargs), "Safe Denoiser KSampler")
-        return comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                           latent_image, denoise=denoise)
+        patched, hook = patch_model_with_hook(model, kwargs.pop("negation_set"), settings_from(kwargs),
+                                              "Safe Denoiser KSampler")
+        (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
+                                                latent_image, denoise=denoise)
+        return latent, hook.report.finish()

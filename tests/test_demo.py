@@ -229,9 +229,13 @@ def test_demo_shows_the_safe_denoiser_removes_the_class(demo_report: tuple[dict,
     arms = {(a["prompt"], a["guidance"]): a for a in report["arms"]}
     plain, safe = arms[("any", "none")], arms[("any", "safe_denoiser")]
     assert plain["negated_rate"] >= 0.06  # the model learned the class
-    assert safe["negated_rate"] <= 0.01  # ... and the Safe Denoiser at its defaults removes it
+    # The trust region trades removal for realism (README "Choosing the defaults"): before it, <= 1% sevens
+    # at 1.4x the plain distance to the data (blobs); now at least 3x fewer sevens at <= 1.35x.
+    assert safe["negated_rate"] <= plain["negated_rate"] / 3  # ... and the Safe Denoiser at its defaults removes it
     assert tv_without(plain["class_histogram"], safe["class_histogram"], 7) <= 0.15  # the rest is kept
     assert abs(safe["mean_confidence"] - plain["mean_confidence"]) <= 0.05  # still digits ...
-    assert safe["mean_distance_to_data"] <= 2.0 * plain["mean_distance_to_data"]  # ... not blobs
-    assert arms[("7", "none")]["negated_rate"] >= 0.80  # the unsafe prompt
-    assert arms[("7", "safe_denoiser")]["negated_rate"] < 0.20
+    assert safe["mean_distance_to_data"] <= 1.35 * plain["mean_distance_to_data"]  # ... not blobs
+    unsafe_plain, unsafe_safe = arms[("7", "none")], arms[("7", "safe_denoiser")]
+    assert unsafe_plain["negated_rate"] >= 0.80  # the unsafe prompt
+    assert unsafe_safe["negated_rate"] < 0.35
+    assert unsafe_safe["mean_distance_to_data"] <= 2.2 * unsafe_plain["mean_distance_to_data"]

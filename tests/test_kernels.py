@@ -229,3 +229,21 @@ def test_hundred_thousand_latents_chunked(device):
     assert torch.allclose(sub.mean, y.mean(0, keepdim=True).expand(4, d), atol=0.05)
     assert km.mean.device.type == device
     assert math.isfinite(float(sub.log_norm[0]))
+
+
+def test_bound_beta_keeps_the_direction_and_caps_the_length():
+    """bound_beta: beta * min(1, max_rms / rms(beta * (d - E_u))), closed form."""
+    gen = torch.Generator().manual_seed(0)
+    d = torch.randn(3, 4, 8, 8, generator=gen, dtype=torch.float64)
+    eu = torch.randn(3, 256, generator=gen, dtype=torch.float64)
+    beta = torch.tensor([0.0, 0.5, 50.0], dtype=torch.float64)
+    bound = torch.tensor([1.0, 10.0, 0.25], dtype=torch.float64)
+    bounded, rms = G.bound_beta(d, eu, beta, bound)
+    diff_rms = (d.reshape(3, -1) - eu).pow(2).mean(1).sqrt()
+    assert torch.allclose(rms, beta * diff_rms)
+    assert bounded[0] == 0 and bounded[1] == beta[1]  # inside the region: unchanged
+    assert torch.isclose(bounded[2], 0.25 / diff_rms[2])  # outside: shift RMS equals the bound
+    shift = G.safe_combine(d, eu, bounded) - d
+    assert torch.isclose(shift[2].pow(2).mean().sqrt(), torch.tensor(0.25, dtype=torch.float64))
+    assert torch.allclose(G.shift_bound(torch.tensor([1.0, 0.5]), torch.tensor([2.0, 0.5]), 2, 0.5),
+                          torch.tensor([1.0, 0.5], dtype=torch.float64))

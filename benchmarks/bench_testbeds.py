@@ -1,0 +1,64 @@
+"""Benchmark: the Safe Denoiser on every testbed with a known answer, one table.
+
+Testbeds (tests/harness/testbeds.py): exact low-rank Gaussian mixtures at SD1.5 (4x64x64), SDXL
+(4x128x128) and SD3/Flux (16x128x128) sizes, one and three unsafe components, EPS and flow (CONST,
+shift 3) parameterisations; an exact point set (30 points in 4x6x6, 8 negated).  Arms: plain,
+oracle (the exact denoiser without the unsafe part), the defaults, bandwidth 1/3 (exact Eq. 6
+kernel) and the reference mode.  ComfyUI's own samplers (euler, dpmpp_2m, euler_ancestral), the
+pack's own hook.  The digits demo (a learned model) is `bash demo/run.sh`.
+
+Usage: python benchmarks/bench_testbeds.py [--quick] [--batch 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from harness.runtime import ComfySession  # noqa: E402
+from harness.testbeds import GaussianMixture, PointSet  # noqa: E402
+from pack_file import load_pack_file  # noqa: E402
+
+log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_testbeds")
+
+ARMS = [("defaults", {"mode": "paper"}), ("bandwidth 1/3", {"mode": "paper", "bandwidth": 1 / 3}),
+        ("reference", {"mode": "reference"})]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="SD1.5 size and the point set only")
+    p.add_argument("--batch", type=int, default=48, help="samples per arm at the mixture sizes")
+    args = p.parse_args()
+    session = ComfySession.start(Path(tempfile.mkdtemp(prefix="bench-testbeds-")))
+    session.load_pack(test_nodes=False)
+    from harness import testbed_runner as tr
+
+    cases = [("points 4x6x6 30/8", PointSet(), "eps", 4, sampler, 256, 8) for sampler in ("euler", "dpmpp_2m")]
+    cases.append(("points 4x6x6 30/8", PointSet(), "flow", 4, "euler", 256, 8))
+    sizes = [((4, 64, 64), "SD1.5")] + ([] if args.quick else [((4, 128, 128), "SDXL"), ((16, 128, 128), "SD3/Flux")])
+    for shape, label in sizes:
+        for unsafe in (1, 3):
+            for kind, samplers in (("eps", ("euler", "dpmpp_2m", "euler_ancestral")), ("flow", ("euler",))):
+                if label != "SD1.5":
+                    samplers = samplers[:1]
+                for sampler in samplers:
+                    cases.append((f"{label} {unsafe}u", GaussianMixture(shape, unsafe=unsafe, seed=0), kind, shape[0],
+                                  sampler, args.batch, 515))
+    for name, bed, kind, channels, sampler, batch, count in cases:
+        start = time.time()
+        parts = tr.model_parts(kind, channels)
+        rows = tr.arms_table(session, f"{name} {kind} {sampler}", bed, parts, ARMS, sampler=sampler, batch=batch,
+                             seed=3, negation_count=count)
+        for row in rows:
+            log.info("%s", row)
+        log.info("  (%.0f s)", time.time() - start)
+
+
+if __name__ == "__main__":
+    main()
