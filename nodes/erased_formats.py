@@ -150,6 +150,24 @@ def classify_key(key: str, component: str = "") -> KeyClass:
     return KeyClass("unknown", k)
 
 
+EMA_BOOKKEEPING = frozenset({"decay", "num_updates"})
+
+
+def classify_keys(keys: Iterable[str], component: str = "") -> dict[str, KeyClass]:
+    """:func:`classify_key` for every key, then EMA promotion: a file whose only UNet weights are
+    the EMA copy (``model_ema.<name without dots>``, LDM's ``LitEma``) has those as its model, so
+    they become ``unet`` keys of space ``ema`` (the dots are restored against the target model's
+    keys in :func:`nodes.erased_model.match_unet`).  With regular UNet weights present the EMA copy
+    stays ignored, as every loader does."""
+    classes = {k: classify_key(k, component) for k in keys}
+    if any(c.group == "unet" for c in classes.values()):
+        return classes
+    for k, cls in classes.items():
+        if cls.reason == _EMA and cls.key not in EMA_BOOKKEEPING:
+            classes[k] = KeyClass("unet", cls.key, "ema")
+    return classes
+
+
 # ------------------------------------------------------------------------------ safe reading
 
 
@@ -313,7 +331,7 @@ def _read_safetensors(path: str, component: str, te_mode: str) -> Part:
         with safetensors.safe_open(path, framework="pt", device="cpu") as fh:
             keys = list(fh.keys())
             metadata = dict(fh.metadata() or {})
-            classes = {k: classify_key(k, component) for k in keys}
+            classes = classify_keys(keys, component)
             wanted = _wanted(classes, te_mode)
             # copied out of the memory map: a file rewritten in place must not change (or, truncated,
             # crash) models already patched from it
@@ -327,7 +345,7 @@ def _read_safetensors(path: str, component: str, te_mode: str) -> Part:
 def _read_pickle(path: str, component: str, te_mode: str) -> Part:
     notes: list[str] = []
     flat = _flatten(_load_pickle(path), notes)
-    classes = {k: classify_key(k, component) for k in flat}
+    classes = classify_keys(flat, component)
     wanted = _wanted(classes, te_mode)
     tensors = {k: v.clone() for k, v in flat.items() if wanted(k)}  # owned memory, not the file's map
     return Part(component, path, "pickle, loaded safely: weights only", classes, tensors, tuple(notes), {})

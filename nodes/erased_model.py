@@ -167,10 +167,23 @@ class Matched:
         self.sources[target] = file_key
 
 
+def _ema_names(model_keys: Iterable[str]) -> dict[str, Optional[str]]:
+    """LDM ``LitEma`` buffer name (the parameter name without dots) -> LDM UNet key; ``None``
+    where two keys of the model would give the same name."""
+    out: dict[str, Optional[str]] = {}
+    for key in model_keys:
+        if key.startswith("diffusion_model."):
+            ldm = key[len("diffusion_model."):]
+            flat = ldm.replace(".", "")
+            out[flat] = None if flat in out else ldm
+    return out
+
+
 def match_unet(model: Any, parts: Iterable[Part], node: str) -> Matched:
     """File UNet keys -> ``diffusion_model.<ldm key>`` of ``model``."""
     model_keys = set(model.model_state_dict())
     dmap: Optional[dict[str, str]] = None
+    ema_map: Optional[dict[str, Optional[str]]] = None
     out = Matched()
     for part in parts:
         for file_key, cls in part.classes.items():
@@ -188,6 +201,15 @@ def match_unet(model: Any, parts: Iterable[Part], node: str) -> Matched:
                 out.spaces["diffusers UNet names (converted with ComfyUI's diffusers->LDM map)"] += 1
                 if ldm is None:
                     out.skipped["diffusers names with no counterpart in this UNet"] += 1
+                    continue
+            elif cls.space == "ema":
+                if ema_map is None:
+                    ema_map = _ema_names(model_keys)
+                ldm = ema_map.get(cls.key.removeprefix("diffusion_model"))
+                out.spaces["EMA weights (model_ema.*: the file has no other UNet weights, so the EMA copy is the "
+                           "model; dots restored from this model's key names)"] += 1
+                if ldm is None:
+                    out.skipped["EMA names with no unique counterpart in this UNet"] += 1
                     continue
             else:
                 ldm = cls.key

@@ -21,11 +21,13 @@ import numpy as np
 import safetensors
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 import folder_paths
 
 from ..kernels.guidance import channel_normalise
+from .image_decode import (DECODE_VERSION, IMAGE_EXTENSIONS, ImageDecodeError, UnreadableImageError,
+                           decode_image)
 from .comfy_compat import NodeInputError, check_interrupt, latent_format_key, process_in, progress_bar
 from .paths import atomic_save, register_model_folder, resolve_in_roots
 
@@ -37,7 +39,6 @@ FOLDER_NAME = "negation_sets"
 INPUT_PREFIX = "input/"
 CACHE_DIRNAME = ".negation_cache"
 CACHE_VERSION = 1
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 ENCODE_SEED = 0
 """Seed for VAEs that sample their posterior (older ComfyUI), so caches are reproducible."""
 _READ_ERRORS = (OSError, ValueError, RuntimeError) + (
@@ -110,7 +111,16 @@ class NegationSet:
 
     def describe(self) -> str:
         _, c, h, w = self.latents.shape
-        return f"'{self.name}' ({self.count} latents, {c}x{h}x{w}, source: {self.meta.get('source', '?')})"
+        text = f"'{self.name}' ({self.count} latents, {c}x{h}x{w}, source: {self.meta.get('source', '?')})"
+        skipped = int(self.meta.get("skipped") or 0)
+        if skipped:
+            text += f"; {skipped} unreadable file(s) skipped (named in the log)"
+        notes = json.loads(self.meta.get("decode_notes") or "{}")
+        if notes:
+            shown = [f"{file}: {what}" for file, what in list(notes.items())[:3]]
+            more = f" and {len(notes) - 3} more (in the log)" if len(notes) > 3 else ""
+            text += f"; decoded specially: {'; '.join(shown)}{more}"
+        return text
 
     def _memo(self, key: tuple, build):
         with self._lock:
@@ -279,15 +289,15 @@ def vae_fingerprint(vae: Any) -> str:
 # ------------------------------------------------------------------------------ images -> latents
 
 
-def load_image(path: str, resolution: int) -> torch.Tensor:
-    """``[H, W, 3]`` float in 0..1: EXIF-rotated, RGB (grayscale and alpha dropped), centre-cropped
-    to a square and resized to ``resolution`` (Lanczos)."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = im.convert("RGB")
-        im = ImageOps.fit(im, (resolution, resolution), method=Image.LANCZOS)
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    return torch.from_numpy(arr.copy())
+def load_image(path: str, resolution: int) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """``([resolution, resolution, 3] float in 0..1, decode notes)``: the picture as a person sees
+    it (:func:`.image_decode.decode_image`), centre-cropped to a square and resized (Lanczos, on
+    the float pixels, so 16-bit precision is kept until the VAE)."""
+    decoded = decode_image(path)
+    channels = [Image.fromarray(np.ascontiguousarray(decoded.pixels[..., c])) for c in range(3)]
+    fitted = [np.asarray(ImageOps.fit(ch, (resolution, resolution), method=Image.LANCZOS), dtype=np.float32)
+              for ch in channels]
+    return torch.from_numpy(np.clip(np.stack(fitted, -1), 0.0, 1.0)), decoded.notes
 
 
 def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -359,7 +369,8 @@ def set_metadata(nset: NegationSet) -> dict[str, str]:
 
 def _cache_key(files: list[str], hashes: list[str], vae_fp: str, resolution: int) -> str:
     payload = json.dumps({"v": CACHE_VERSION, "files": [[os.path.basename(f), h] for f, h in zip(files, hashes)],
-                          "vae": vae_fp, "resolution": resolution, "crop": "center", "seed": ENCODE_SEED})
+                          "vae": vae_fp, "resolution": resolution, "crop": "center", "seed": ENCODE_SEED,
+                          "decode": DECODE_VERSION})
     return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
 
@@ -392,20 +403,29 @@ def load_image_folder(folder: str, vae: Any, resolution: int, max_images: int, n
         except NodeInputError as err:
             log.warning("%s: cache file %s is unusable (%s); re-encoding the images", node, cache_path, err)
 
-    images, used = [], []
+    images, used, notes = [], [], {}
     for path in files:
         try:
-            images.append(load_image(path, resolution))
-            used.append(os.path.basename(path))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            log.warning("%s: skipping %s: not a readable image (%s)", node, path, err)
+            pixels, file_notes = load_image(path, resolution)
+        except UnreadableImageError as err:
+            log.warning("%s: skipping %s: %s", node, path, err)
+            continue
+        except ImageDecodeError as err:
+            raise NodeInputError(node, f"in the folder '{name}': {err}") from err
+        images.append(pixels)
+        used.append(os.path.basename(path))
+        if file_notes:
+            notes[used[-1]] = "; ".join(file_notes)
+    for file_name, text in notes.items():
+        log.info("%s: %s decoded: %s", node, file_name, text)
     if not images:
         raise NodeInputError(node, f"none of the {len(files)} files in '{name}' could be read as an image. "
                                    "Replace them with PNG, JPG or WebP files.")
     stacked = torch.stack(images, 0)
     latents = encode_batches(vae, stacked.split(batch_size), stacked.shape[0])
     nset = NegationSet(latents, {"name": name, "source": "images", "images": len(used),
-                                 "encode_resolution": resolution, "vae": vae_fingerprint(vae)[:16]})
+                                 "encode_resolution": resolution, "vae": vae_fingerprint(vae)[:16],
+                                 "skipped": len(files) - len(used), "decode_notes": json.dumps(notes) if notes else None})
     try:
         atomic_save({"latents": nset.latents}, set_metadata(nset) | {"files": json.dumps(used)}, cache_path)
     except OSError as err:

@@ -162,6 +162,31 @@ def test_full_ldm_checkpoint_applies_only_the_unet(env, tiny):
     check_format(env, "compvis-esdu-nudity.ckpt", model, erased, te="apply", clip=clip, clip_expected=te_erased)
 
 
+def ema_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LDM ``LitEma`` buffers: ``model_ema.`` + the DiffusionWrapper parameter name
+    (``diffusion_model.<key>``, as ``weights`` is keyed) without dots."""
+    return {"model_ema." + k.replace(".", ""): v for k, v in weights.items()}
+
+
+def test_ema_only_checkpoint_loads_the_ema_weights(env, tiny):
+    """A checkpoint holding only the EMA copy (LDM ``LitEma`` names, dots removed) is the model:
+    the dots are restored against the model's keys and the report says the EMA weights were used.
+    Next to regular UNet weights the EMA copy stays ignored."""
+    model = tiny["sd15"]
+    erased = env.ef.perturbed(env.ef.unet_weights(model), seed=31)
+    sd = ema_names(erased) | {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(500),
+                              "first_stage_model.encoder.conv_in.weight": torch.randn(8, 3, 3, 3)}
+    env.ef.save_safetensors(env.root / "sdd-ema-only.safetensors", sd)
+    report = check_format(env, "sdd-ema-only.safetensors", model, erased)[0]
+    assert "EMA weights (model_ema.*" in report and "the EMA copy is the model" in report, report
+
+    regular = env.ef.perturbed(env.ef.unet_weights(model), seed=32)
+    both = {"model." + k: v for k, v in regular.items()} | ema_names(erased)
+    env.ef.save_safetensors(env.root / "sdd-with-ema.safetensors", both)
+    report = check_format(env, "sdd-with-ema.safetensors", model, regular)[0]
+    assert "EMA copy (the trained weights are used)" in report and "EMA weights (model_ema" not in report, report
+
+
 def test_full_diffusers_unet_pickle_wrapped(env, tiny):
     """Old UCE / RECE / SalUn: full diffusers unet.state_dict() as .pt, RECE-style wrapped."""
     model = tiny["sd15"]
