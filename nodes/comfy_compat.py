@@ -62,6 +62,23 @@ def percent_to_sigma(model_sampling: Any, percent: float) -> float:
     return float(model_sampling.percent_to_sigma(percent))
 
 
+def sampling_wrapper_types(model: Any) -> tuple[str, str] | None:
+    """``(predict_noise, outer_sample)`` wrapper types of ``comfy.patcher_extension`` where the
+    model patcher takes wrappers (ComfyUI since late 2024), else None.
+
+    A ``predict_noise`` wrapper sees the final denoised output of every guider (CFGGuider, the
+    DualCFG and PerpNeg guiders, custom guiders that keep ``outer_predict_noise``), once per model
+    evaluation; ``outer_sample`` wraps one whole sampling run.
+    """
+    if not hasattr(model, "add_wrapper_with_key"):
+        return None
+    try:
+        from comfy.patcher_extension import WrappersMP
+    except ImportError:
+        return None
+    return WrappersMP.PREDICT_NOISE, WrappersMP.OUTER_SAMPLE
+
+
 def supports_pre_cfg(model: Any) -> bool:
     """Whether this ComfyUI calls ``sampler_pre_cfg_function`` hooks (added in 2024)."""
     return hasattr(model, "set_model_sampler_pre_cfg_function")

@@ -4,18 +4,29 @@ The hook receives the sampler-space ``x_t``, ``sigma`` and the model's denoised 
 model evaluation, asks :mod:`kernels.guidance` for the correction and returns the corrected
 estimate; the sampler then steps from it, whichever sampler and scheduler it is.
 
-Where ComfyUI has the pre-CFG hook, the correction is applied there to every prediction (cond and
-uncond) with weights computed from their CFG combination: the correction is affine in the denoised
-estimate with weights that sum to one, so CFG of the corrected predictions equals the corrected
-CFG result, and CFG++ samplers (which step along ``uncond_denoised``) are corrected as well. If a
-custom CFG function (``sampler_cfg_function``) is present, or the hook does not exist (older
-ComfyUI), the correction runs post-CFG instead.
+Exactly one correction per model evaluation, whatever evaluates the model:
+
+* The standard CFG path (``sampling_function``: KSampler, CFGGuider, BasicGuider) corrects in the
+  pre-CFG hook, every prediction (cond and uncond) with weights computed from their CFG
+  combination: the correction is affine in the denoised estimate with weights that sum to one, so
+  CFG of the corrected predictions equals the corrected CFG result, and CFG++ samplers (which step
+  along ``uncond_denoised``) are corrected as well.
+* Everything else on current ComfyUI (a custom ``sampler_cfg_function`` such as RescaleCFG, the
+  DualCFG and PerpNeg guiders, which combine more than two predictions or call the post-CFG hook
+  on a partial result) is corrected by a ``predict_noise`` wrapper on the guider's final output,
+  when the pre-CFG hook did not act in that evaluation.
+* ComfyUI of early 2024 has neither the pre-CFG hook nor wrappers nor guiders: the post-CFG hook
+  corrects the CFG result.
+
+An ``outer_sample`` wrapper closes each run's report and warns when a run never reached the hook
+(a sampler or guider that bypasses ComfyUI's model hooks): never a silent no-op.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -41,6 +52,7 @@ from .comfy_compat import (
     latent_format_key,
     model_object,
     percent_to_sigma,
+    sampling_wrapper_types,
     supports_pre_cfg,
 )
 from .negation_set import NegationSet
@@ -49,6 +61,8 @@ from .safe_denoiser_report import GuidanceReport
 log = logging.getLogger(__name__)
 
 CATEGORY = "safe_denoiser/sampling"
+WRAPPER_KEY = "safe_denoiser"
+"""Key of the pack's sampling wrappers (``ModelPatcher.add_wrapper_with_key``)."""
 MODES = ("paper", "reference")
 
 # The official implementation's SD1.4 nudity settings (Safe_Denoiser@223415b).
@@ -135,6 +149,7 @@ class SafeDenoiserHook:
         self.settings = settings
         self.uses_pre_cfg = uses_pre_cfg
         self.report = GuidanceReport(settings.mode)
+        self._local = threading.local()  # the open model evaluation (predict_noise wrapper), per thread
 
     def __deepcopy__(self, memo: dict) -> "SafeDenoiserHook":
         return self
@@ -214,26 +229,74 @@ class SafeDenoiserHook:
         return self.negation.memo(key, build)
 
     # -------------------------------------------------------------- hooks
+    def _evaluation(self) -> Optional[dict]:
+        """The model evaluation a ``predict_noise`` wrapper has open on this thread, if any."""
+        return getattr(self._local, "evaluation", None)
+
+    def _mark_corrected(self) -> None:
+        evaluation = self._evaluation()
+        if evaluation is not None:
+            evaluation["corrected"] = True
+        else:
+            self._local.pre_cfg_done = True
+
     def pre_cfg(self, args: dict) -> list:
-        """``sampler_pre_cfg_function``: correct every prediction with the CFG-combined weights."""
+        """``sampler_pre_cfg_function``: on the standard two-prediction CFG path, correct every
+        prediction with the CFG-combined weights; elsewhere stand down for the wrapper/post-CFG hook."""
         out = args["conds_out"]
-        if "sampler_cfg_function" in args.get("model_options", {}) or not out or out[0] is None:
+        standard = len(out) <= 2 and len(args.get("conds", out)) <= 2
+        if not standard or "sampler_cfg_function" in args.get("model_options", {}) or not out or out[0] is None:
             return out
         x, sigma = args["input"], args["sigma"]
         uncond = out[1] if len(out) > 1 else None
         combined = out[0] if uncond is None else uncond + (out[0] - uncond) * args["cond_scale"]
+        self._mark_corrected()  # this evaluation is handled here, even where the correction is zero
         corr = self.correction(args["model"], x, combined, sigma, _sample_sigmas(args))
         if corr is None:
             return out
         return [None if o is None else corr.apply(o) for o in out]
 
     def post_cfg(self, args: dict) -> torch.Tensor:
-        """``sampler_post_cfg_function``: correct the CFG result (when pre-CFG did not)."""
+        """``sampler_post_cfg_function``: correct the CFG result where neither the pre-CFG hook
+        nor a ``predict_noise`` wrapper handles this evaluation (ComfyUI of early 2024)."""
         denoised = args["denoised"]
-        if self.uses_pre_cfg and "sampler_cfg_function" not in args.get("model_options", {}):
+        if self._evaluation() is not None:  # the wrapper corrects the guider's final output
+            return denoised
+        if getattr(self._local, "pre_cfg_done", False):
+            self._local.pre_cfg_done = False
             return denoised
         corr = self.correction(args["model"], args["input"], denoised, args["sigma"], _sample_sigmas(args))
         return denoised if corr is None else corr.apply(denoised)
+
+    def predict_noise(self, executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``predict_noise`` wrapper: one model evaluation of any guider; corrects its final
+        output unless the pre-CFG hook already corrected this evaluation."""
+        x = args[0] if args else kwargs["x"]
+        sigma = args[1] if len(args) > 1 else kwargs["timestep"]
+        model_options = args[2] if len(args) > 2 else kwargs.get("model_options", {})
+        outer = self._evaluation()
+        evaluation = self._local.evaluation = {"corrected": False}
+        try:
+            denoised = executor(*args, **kwargs)
+        finally:
+            self._local.evaluation = outer
+        if evaluation["corrected"]:
+            return denoised
+        model = executor.class_obj.inner_model
+        corr = self.correction(model, x, denoised, sigma, _sample_sigmas({"model_options": model_options}))
+        return denoised if corr is None else corr.apply(denoised)
+
+    def outer_sample(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        """``outer_sample`` wrapper: one sampling run; its report is logged at the end, with a
+        warning if the run never reached the hook."""
+        self.report.finish()  # whatever an interrupted earlier run left
+        evaluations_before = self.report.total_evaluations
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.report.total_evaluations == evaluations_before and self.settings.strength > 0:
+                self.report.never_called()
+            self.report.finish()
 
 
 def _sample_sigmas(args: dict) -> Any:
@@ -264,10 +327,15 @@ def patch_model_with_hook(model: Any, negation: NegationSet, settings: GuidanceS
     if channels != negation.channels:
         raise NodeInputError(node, channel_mismatch(negation, channels))
     patched = model.clone()
+    wrapper_types = sampling_wrapper_types(patched)
     hook = SafeDenoiserHook(negation, settings, supports_pre_cfg(patched))
     if hook.uses_pre_cfg:
         patched.set_model_sampler_pre_cfg_function(hook.pre_cfg)
     patched.set_model_sampler_post_cfg_function(hook.post_cfg)
+    if wrapper_types is not None:
+        predict_noise, outer_sample = wrapper_types
+        patched.add_wrapper_with_key(predict_noise, WRAPPER_KEY, hook.predict_noise)
+        patched.add_wrapper_with_key(outer_sample, WRAPPER_KEY, hook.outer_sample)
     return patched, hook
 
 

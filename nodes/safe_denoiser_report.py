@@ -28,6 +28,7 @@ class GuidanceReport:
     def __init__(self, mode: str):
         self.mode = mode
         self.last_summary: Optional[str] = None
+        self.total_evaluations = 0  # over the hook's lifetime, never reset
         self._reset()
 
     def _reset(self) -> None:
@@ -49,6 +50,7 @@ class GuidanceReport:
         if self.evaluations and self._last_sigma is not None and s > self._last_sigma * (1 + 1e-6):
             self.finish()  # the noise level rose: a new sampling run
         self.evaluations += 1
+        self.total_evaluations += 1
         self._sigma = self._last_sigma = s
         if self.sample_corrected is None or self.sample_corrected.numel() != batch:
             self.sample_corrected = torch.zeros(batch, dtype=torch.bool)
@@ -83,6 +85,14 @@ class GuidanceReport:
         if self._final_sigma is not None and self._last_sigma is not None \
                 and self._last_sigma <= self._final_sigma * (1 + 1e-6):
             self.finish()
+
+    def never_called(self) -> None:
+        """A sampling run ended without one model evaluation reaching the hook: say so."""
+        text = (f"Safe Denoiser ({self.mode}): a sampling run ended without the guidance being called once: the "
+                "sampler or guider bypasses ComfyUI's model hooks, so nothing was corrected. Use KSampler, "
+                "SamplerCustom(Advanced) with a ComfyUI guider, or the Safe Denoiser KSampler.")
+        log.warning("%s", text)
+        self.last_summary = text
 
     # ---------------------------------------------------------------- output
     def summary(self) -> str:

@@ -164,7 +164,54 @@ class TinyTextEncode:
         return (tm.build_conditioning(text_seed(text), clip.tokens, clip.family, zero=not text.strip()),)
 
 
+class CountEvaluations:
+    """MODEL -> the same MODEL (a clone) counting its model evaluations in ``COUNTS[label]``.
+
+    Independent of the pack: a ``predict_noise`` wrapper where ComfyUI has wrappers (one call per
+    evaluation of any guider), else a post-CFG function (older ComfyUI: every evaluation goes
+    through ``sampling_function``).
+    """
+
+    COUNTS: dict[str, int] = {}
+    HOOKS: dict[str, list[Any]] = {}
+    """The Safe Denoiser hooks found on the MODEL (objects with a ``report``), for the tests."""
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"model": ("MODEL",), "label": ("STRING", {"default": "probe"})}}
+
+    def patch(self, model: Any, label: str) -> tuple[Any]:
+        counts = self.COUNTS
+        counts[label] = 0
+        self.HOOKS[label] = [fn.__self__ for fn in model.model_options.get("sampler_post_cfg_function", [])
+                             if hasattr(getattr(fn, "__self__", None), "report")]
+        patched = model.clone()
+
+        def count() -> None:
+            counts[label] = counts.get(label, 0) + 1
+
+        if hasattr(patched, "add_wrapper_with_key"):
+            from comfy.patcher_extension import WrappersMP
+
+            def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+                count()
+                return executor(*args, **kwargs)
+
+            patched.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "sdn_test_probe", wrapper)
+        else:
+            def post_cfg(args: dict) -> Any:
+                count()
+                return args["denoised"]
+
+            patched.set_model_sampler_post_cfg_function(post_cfg)
+        return (patched,)
+
+
 NODE_CLASS_MAPPINGS = {
+    "SDNTest_CountEvaluations": CountEvaluations,
     "SDNTest_TinyModel": TinyModel,
     "SDNTest_TinyVAE": TinyVAE,
     "SDNTest_TinyConditioning": TinyConditioning,
