@@ -11,6 +11,7 @@ from .erased_model_nodes import LoadConceptErasedModel
 from .uce import EraseConceptsUCE, SaveConceptErasedWeights
 from .nudity_reward import NudityRewardPreview, register_nudenet_folder
 from .safe_denoiser import SafeDenoiserKSampler, SafeDenoiserPatch
+from .reference_sampler import SafeDenoiserReferenceSampler
 from .demo import DemoDigitConditioning, LoadDemoModel, ensure_demo_negation_set
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ NODE_CLASS_MAPPINGS = {
     "SDN_SaveConceptErasedWeights": SaveConceptErasedWeights,
     "SDN_LoadDemoModel": LoadDemoModel,
     "SDN_DemoDigitConditioning": DemoDigitConditioning,
+    "SDN_SafeDenoiserReferenceSampler": SafeDenoiserReferenceSampler,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -47,4 +49,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SDN_SaveConceptErasedWeights": "Save Concept-Erased Weights",
     "SDN_LoadDemoModel": "Load Demo Model (digits)",
     "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
+    "SDN_SafeDenoiserReferenceSampler": "Safe Denoiser Reference Sampler",
 }

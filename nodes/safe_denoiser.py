@@ -205,28 +205,12 @@ class SafeDenoiserHook:
             return Correction("paper", km.mean, bounded)
         prep = self.negation.prepared(lf, height, width, x.device, storage, "reference")
         ksigma = REFERENCE_SIGMA * st.bandwidth
-        gate = ReferenceGate(self._reference_threshold(ms, lf, height, width, prep.y, ksigma), REFERENCE_MARGIN)
+        gate = ReferenceGate(reference_threshold(self.negation, ms, lf, height, width, prep.y, ksigma), REFERENCE_MARGIN)
         km = reference_kernel_mean(df, prep.y, ksigma, y_sq=prep.y_sq)
         is_open = gate.open(km.log_norm) & active
         log.debug("Safe Denoiser (reference): sigma %.4g gate %s", float(sigma.reshape(-1)[0]), is_open.tolist())
         self.report.reference(is_open)
         return Correction("reference", km.mean, is_open, REFERENCE_SCALE * st.strength)
-
-    def _reference_threshold(self, ms: Any, lf: Any, height: int, width: int, y: torch.Tensor, ksigma: float) -> float:
-        """The official calibrated gate threshold, memoised on the negation set."""
-        sigma1 = percent_to_sigma(ms, 0.999)  # ~ the smallest DDPM timestep the official code used
-        alpha, std = forward_coefficients(ms, torch.tensor([sigma1]))
-        norm = math.sqrt(float(alpha) ** 2 + float(std) ** 2)  # VP form of the noisy latents
-        key = ("reference_threshold", latent_format_key(lf), height, width, ksigma, round(sigma1, 8))
-
-        def build() -> float:
-            thr = reference_beta_threshold(y, ksigma, float(alpha) / norm, float(std) / norm, REFERENCE_QUANTILE,
-                                           max_queries=REFERENCE_MAX_CALIBRATION)
-            log.info("Safe Denoiser (reference): gate threshold %.4g (minus margin %.2g) for %s",
-                     thr, REFERENCE_MARGIN, self.negation.describe())
-            return thr
-
-        return self.negation.memo(key, build)
 
     # -------------------------------------------------------------- hooks
     def _evaluation(self) -> Optional[dict]:
@@ -297,6 +281,32 @@ class SafeDenoiserHook:
             if self.report.total_evaluations == evaluations_before and self.settings.strength > 0:
                 self.report.never_called()
             self.report.finish()
+
+
+def reference_threshold(negation: NegationSet, ms: Any, lf: Any, height: int, width: int, y: torch.Tensor,
+                        ksigma: float) -> float:
+    """The official calibrated gate threshold (:func:`kernels.guidance.reference_beta_threshold`
+    at the smallest DDPM timestep), memoised on the negation set.
+
+    Args:
+        negation: the set; ``y`` its channel-normalised ``[N, D]`` latents at this size.
+        ms, lf: the model's ``model_sampling`` and ``latent_format``.
+        height, width: latent size.
+        ksigma: the fixed kernel width.
+    """
+    sigma1 = percent_to_sigma(ms, 0.999)  # ~ the smallest DDPM timestep the official code used
+    alpha, std = forward_coefficients(ms, torch.tensor([sigma1]))
+    norm = math.sqrt(float(alpha) ** 2 + float(std) ** 2)  # VP form of the noisy latents
+    key = ("reference_threshold", latent_format_key(lf), height, width, ksigma, round(sigma1, 8))
+
+    def build() -> float:
+        thr = reference_beta_threshold(y, ksigma, float(alpha) / norm, float(std) / norm, REFERENCE_QUANTILE,
+                                       max_queries=REFERENCE_MAX_CALIBRATION)
+        log.info("Safe Denoiser (reference): gate threshold %.4g (minus margin %.2g) for %s",
+                 thr, REFERENCE_MARGIN, negation.describe())
+        return thr
+
+    return negation.memo(key, build)
 
 
 def _sample_sigmas(args: dict) -> Any:

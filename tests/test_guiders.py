@@ -100,9 +100,9 @@ def available(comfy, case: dict) -> bool:
     node = case["node"].split()[0]
     if node not in mappings or (case.get("rescale") and "RescaleCFG" not in mappings):
         return False
-    import comfy.samplers
+    import comfy.samplers as comfy_samplers
 
-    return case.get("sampler", "euler") in comfy.samplers.KSampler.SAMPLERS
+    return case.get("sampler", "euler") in comfy_samplers.KSampler.SAMPLERS
 
 
 @pytest.mark.parametrize("name", list(CASES))

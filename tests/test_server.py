@@ -36,6 +36,7 @@ DISPLAY_NAMES = {
     "SDN_SaveConceptErasedWeights": "Save Concept-Erased Weights",
     "SDN_LoadDemoModel": "Load Demo Model (digits)",
     "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
+    "SDN_SafeDenoiserReferenceSampler": "Safe Denoiser Reference Sampler",
 }
 """Every node of the pack: IDs are stable (new behaviour gets a new ID), so this list only grows."""
 GOOD_SETS = ("nudity", "good.safetensors")
