@@ -12,14 +12,14 @@ from .uce import EraseConceptsUCE, SaveConceptErasedWeights
 from .nudity_reward import NudityRewardPreview, register_nudenet_folder
 from .safe_denoiser import SafeDenoiserKSampler, SafeDenoiserPatch
 from .reference_sampler import SafeDenoiserReferenceSampler
-from .demo import DemoDigitConditioning, LoadDemoModel, ensure_demo_negation_set
+from .demo import DemoDigitConditioning, LoadDemoModel, register_demo_negation_sets
 
 log = logging.getLogger(__name__)
 
 register_folder()
 register_concept_erased_folder()
 register_nudenet_folder()
-ensure_demo_negation_set()
+register_demo_negation_sets()  # in memory: nothing is written at start-up
 
 # Node IDs are stable: never rename one; new behaviour gets a new ID.
 NODE_CLASS_MAPPINGS = {

@@ -5,9 +5,9 @@ A tiny class-conditional latent diffusion model of handwritten digits ships with
 be tried anywhere without downloading a checkpoint. The model is rebuilt from ComfyUI's own
 classes (an SD1.5-family EPS UNet and an AutoencoderKL); the bundle's SHA-256 is checked first.
 
-At start-up the pack writes the demo's negation set, the training images of the digit 7, into
-``models/negation_sets/digits_7/`` (once; an existing folder is never touched), for Load Negation
-Set.
+The demo's negation sets ``digits_0`` .. ``digits_9`` (the training images of one digit) are
+built-in entries of Load Negation Set: read from the bundle and encoded in memory when a graph
+uses them, never written to disk (a real folder of the same name in models/negation_sets wins).
 """
 
 from __future__ import annotations
@@ -17,21 +17,21 @@ import os
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
-import folder_paths
 
 from ..demo import digits
 from .comfy_compat import NodeInputError
-from .negation_set import FOLDER_NAME
+from .negation_set import BuiltinSet, register_builtin_set
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoadDemoModel", "DemoDigitConditioning", "ensure_demo_negation_set", "load_demo_model"]
+__all__ = ["LoadDemoModel", "DemoDigitConditioning", "register_demo_negation_sets", "load_demo_model"]
 
 CATEGORY = "safe_denoiser/demo"
 NODE_LOAD = "Load Demo Model (digits)"
@@ -113,24 +113,28 @@ def context_for(prompt: str, node: str = NODE_COND) -> torch.Tensor:
     return table[index:index + 1].clone()
 
 
-def ensure_demo_negation_set(digit: int = digits.DEFAULT_NEGATED) -> None:
-    """Write ``models/negation_sets/digits_<digit>/`` from the training data if it is absent."""
-    folder = os.path.join(folder_paths.models_dir, FOLDER_NAME, digits.set_name(digit))
-    if os.path.exists(folder):
-        return
-    try:
-        digits.verify_bundle()
-        digits.write_negation_images(folder, digit)
-    except (digits.BundleError, OSError, ValueError) as err:
-        log.warning("Could not write the demo negation set %s (%s); the digits demo needs it, the rest of "
-                    "the pack works without it", folder, err)
+def demo_negation_images(digit: int) -> np.ndarray:
+    """``[N, 64, 64, 3]`` float pixels of every training image of ``digit``, exactly as the PNGs
+    :func:`demo.digits.write_negation_images` writes (8-bit quantised)."""
+    digits.verify_bundle()
+    _, images8 = digits.load_data().of_class(int(digit))
+    return np.stack([digits.to_png_array(image) for image in digits.upsample(images8)]).astype(np.float32) / 255.0
+
+
+def register_demo_negation_sets() -> None:
+    """Register ``digits_0`` .. ``digits_9`` as built-in negation sets (memory only)."""
+    for digit in range(digits.CLASSES):
+        register_builtin_set(BuiltinSet(
+            name=digits.set_name(digit), images=lambda d=digit: demo_negation_images(d),
+            fingerprint=lambda: ":".join(str(v) for v in _bundle_key()),
+            source=f"built-in: the digits demo's training images of the digit {digit}, not written to disk"))
 
 
 class LoadDemoModel:
     DESCRIPTION = (TRY_IT + " Outputs the MODEL (an SD1.5-family EPS UNet, class-conditional through "
                    "its cross-attention) and its VAE. Use it with Demo Digit Conditioning, an Empty Latent "
-                   "Image of 64x64 px and Load Negation Set 'digits_7' (the training images of the digit 7, "
-                   "written to models/negation_sets/ at start-up) to watch the Safe Denoiser remove a digit.")
+                   "Image of 64x64 px and Load Negation Set 'digits_7' (the training images of the digit 7, a "
+                   "built-in entry: nothing is written to disk) to watch the Safe Denoiser remove a digit.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "VAE")
     RETURN_NAMES = ("model", "vae")

@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import safetensors
@@ -45,6 +45,38 @@ _READ_ERRORS = (OSError, ValueError, RuntimeError) + (
     (safetensors.SafetensorError,) if hasattr(safetensors, "SafetensorError") else ())
 MAX_PREPARED = 4
 """Prepared (shape, device, dtype) variants kept per set."""
+
+
+@dataclass(frozen=True)
+class BuiltinSet:
+    """A negation set the pack provides without files on disk (the digits demo's sets).
+
+    ``images()`` gives ``[N, H, W, 3]`` float pixels in 0..1; ``fingerprint`` changes when they do.
+    Listed in Load Negation Set's dropdown unless a real entry has the same name (which wins).
+    """
+
+    name: str
+    images: Callable[[], np.ndarray]
+    fingerprint: Callable[[], str]
+    source: str
+
+
+BUILTIN_SETS: dict[str, BuiltinSet] = {}
+
+
+def register_builtin_set(entry: BuiltinSet) -> None:
+    """Make a built-in set available by name (in memory only: nothing is written)."""
+    BUILTIN_SETS[entry.name] = entry
+
+
+def builtin_set(name: Any) -> Optional[BuiltinSet]:
+    """The built-in set ``name`` when no real entry of the negation_sets roots has that name."""
+    entry = BUILTIN_SETS.get(name) if isinstance(name, str) else None
+    if entry is None:
+        return None
+    if any(os.path.exists(os.path.join(root, name)) for root in set_roots()):
+        return None
+    return entry
 
 
 def register_folder() -> None:
@@ -197,11 +229,13 @@ def list_set_names() -> list[str]:
         for entry in sorted(os.listdir(input_dir)):
             if not entry.startswith(".") and os.path.isdir(os.path.join(input_dir, entry)):
                 names.append(INPUT_PREFIX + entry)
+    names += [name for name in BUILTIN_SETS if name not in names]
     return names
 
 
 def resolve_set(name: str, node: str) -> str:
-    """Absolute path of a dropdown entry, refusing anything outside the allowed roots."""
+    """Absolute path of a dropdown entry, refusing anything outside the allowed roots (built-in
+    sets have no path: check :func:`builtin_set` first)."""
     fix = (f"Put the set (a folder of images or a .safetensors file) into models/{FOLDER_NAME}/ or a sub-folder "
            "of the input directory, refresh the browser and choose it from the list.")
     rel = name.replace("\\", "/") if isinstance(name, str) else name
@@ -213,6 +247,9 @@ def resolve_set(name: str, node: str) -> str:
 
 def fingerprint_entry(name: str) -> str:
     """Cheap change marker for IS_CHANGED: (file, size, mtime) of the set's files."""
+    builtin = builtin_set(name)
+    if builtin is not None:
+        return f"builtin:{name}:{builtin.fingerprint()}"
     try:
         path = resolve_set(name, "Load Negation Set")
     except NodeInputError as err:
@@ -294,10 +331,41 @@ def load_image(path: str, resolution: int) -> tuple[torch.Tensor, tuple[str, ...
     it (:func:`.image_decode.decode_image`), centre-cropped to a square and resized (Lanczos, on
     the float pixels, so 16-bit precision is kept until the VAE)."""
     decoded = decode_image(path)
-    channels = [Image.fromarray(np.ascontiguousarray(decoded.pixels[..., c])) for c in range(3)]
+    return fit_pixels(decoded.pixels, resolution), decoded.notes
+
+
+def fit_pixels(pixels: np.ndarray, resolution: int) -> torch.Tensor:
+    """``[H, W, 3]`` float pixels -> ``[resolution, resolution, 3]``: centre-cropped to a square and
+    resized with Lanczos on the float values (per channel)."""
+    channels = [Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32)) for c in range(3)]
     fitted = [np.asarray(ImageOps.fit(ch, (resolution, resolution), method=Image.LANCZOS), dtype=np.float32)
               for ch in channels]
-    return torch.from_numpy(np.clip(np.stack(fitted, -1), 0.0, 1.0)), decoded.notes
+    return torch.from_numpy(np.clip(np.stack(fitted, -1), 0.0, 1.0))
+
+
+_BUILTIN_ENCODED: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_BUILTIN_LOCK = threading.Lock()
+
+
+def load_builtin_set(entry: BuiltinSet, vae: Any, resolution: int, max_images: int, node: str) -> NegationSet:
+    """Encode a built-in set with ``vae`` (memoised in memory per VAE and resolution; no files)."""
+    if vae is None:
+        raise NodeInputError(node, f"'{entry.name}' is a built-in set of images: connect a VAE (for the digits "
+                                   "demo: the vae output of Load Demo Model).")
+    key = (entry.name, entry.fingerprint(), vae_fingerprint(vae), resolution)
+    with _BUILTIN_LOCK:
+        latents = _BUILTIN_ENCODED.get(key)
+    if latents is None:
+        images = torch.stack([fit_pixels(image, resolution) for image in entry.images()], 0)
+        latents = encode_batches(vae, images.split(4), images.shape[0])
+        with _BUILTIN_LOCK:
+            _BUILTIN_ENCODED[key] = latents
+            while len(_BUILTIN_ENCODED) > MAX_PREPARED:
+                _BUILTIN_ENCODED.popitem(last=False)
+    if max_images > 0:
+        latents = latents[:max_images]
+    return NegationSet(latents.clone(), {"name": entry.name, "source": entry.source, "images": int(latents.shape[0]),
+                                         "encode_resolution": resolution, "vae": vae_fingerprint(vae)[:16]})
 
 
 def resize_images(images: torch.Tensor, resolution: int) -> torch.Tensor:

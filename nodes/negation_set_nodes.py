@@ -10,9 +10,11 @@ from .negation_set import (
     FOLDER_NAME,
     NegationSet,
     atomic_save,
+    builtin_set,
     encode_batches,
     fingerprint_entry,
     list_set_names,
+    load_builtin_set,
     load_image_folder,
     read_set_file,
     resize_images,
@@ -27,11 +29,6 @@ log = logging.getLogger(__name__)
 CATEGORY = "safe_denoiser/negation"
 SET_TOOLTIP = ("A folder of images (PNG/JPG/WebP) or a precomputed .safetensors set from models/negation_sets/, or a "
                "sub-folder of ComfyUI's input directory (input/...). Images are encoded once and cached in the folder.")
-
-
-def describe(nset: NegationSet) -> str:
-    _, c, h, w = nset.latents.shape
-    return f"{nset.name}: {nset.count} latents {c}x{h}x{w} ({nset.meta.get('source', '?')})"
 
 
 class NegationSetSource:
@@ -74,12 +71,17 @@ class LoadNegationSet(NegationSetSource):
 
     @classmethod
     def VALIDATE_INPUTS(cls, set_name):
+        if builtin_set(set_name) is not None:
+            return True
         return validation_message(resolve_set, set_name, "Load Negation Set")
 
     def load(self, set_name, resolution, max_images, vae=None):
         node = "Load Negation Set"
-        path = resolve_set(set_name, node)
-        if os.path.isdir(path):
+        builtin = builtin_set(set_name)
+        path = "" if builtin is not None else resolve_set(set_name, node)
+        if builtin is not None:
+            nset = load_builtin_set(builtin, vae, int(resolution), int(max_images), node)
+        elif os.path.isdir(path):
             nset = load_image_folder(path, vae, int(resolution), int(max_images), node, set_name)
         elif path.lower().endswith(".safetensors"):
             nset = read_set_file(path, node)
@@ -87,8 +89,8 @@ class LoadNegationSet(NegationSetSource):
                 nset = NegationSet(nset.latents[:max_images], dict(nset.meta, count=max_images))
         else:
             raise NodeInputError(node, f"'{set_name}' is neither a folder of images nor a .safetensors set.")
-        log.info("%s: %s", node, describe(nset))
-        return (nset, describe(nset))
+        log.info("%s: %s", node, nset.describe())
+        return (nset, nset.describe())
 
 
 class NegationSetFromImages(NegationSetSource):
@@ -115,7 +117,7 @@ class NegationSetFromImages(NegationSetSource):
         latents = encode_batches(vae, images.clamp(0, 1).split(4), images.shape[0])
         nset = NegationSet(latents, {"name": name or "from_images", "source": "images", "images": int(images.shape[0]),
                                      "encode_resolution": int(resolution), "vae": vae_fingerprint(vae)[:16]})
-        return (nset, describe(nset))
+        return (nset, nset.describe())
 
 
 class SaveNegationSet(SaveFileNode):
@@ -138,5 +140,5 @@ class SaveNegationSet(SaveFileNode):
         path = output_path(FOLDER_NAME, filename, overwrite, node)
         stem = os.path.basename(path)[: -len(".safetensors")]
         atomic_save({"latents": negation_set.latents}, set_metadata(negation_set) | {"name": stem}, path)
-        log.info("%s: wrote %s (%s)", node, path, describe(negation_set))
+        log.info("%s: wrote %s (%s)", node, path, negation_set.describe())
         return {"ui": {"text": [f"saved {stem}.safetensors ({negation_set.count} latents)"]}, "result": (path,)}

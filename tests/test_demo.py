@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +99,25 @@ def test_nodes_are_documented(comfy) -> None:
     assert choices == ["any"] + [str(d) for d in range(10)]
 
 
-def test_pack_writes_the_demo_negation_set(comfy) -> None:
-    folder = Path(comfy.folder_paths.models_dir) / "negation_sets" / "digits_7"
-    assert len(list(folder.glob("*.png"))) == int((digits.load_data().labels == 7).sum())
+def test_demo_negation_set_is_built_in_and_nothing_is_written(comfy, tmp_path) -> None:
+    """Loading the pack writes nothing; 'digits_7' is a built-in entry of Load Negation Set whose
+    latents equal those of the same images written as PNGs and loaded as a folder."""
+    models = Path(comfy.folder_paths.models_dir) / "negation_sets"
+    for stale in models.glob("digits_*"):  # written at start-up by earlier versions of the pack
+        shutil.rmtree(stale)
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_LoadNegationSet"]
+    negation = sys.modules[f"{loader.__module__.rsplit('.', 1)[0]}.negation_set"]
+    demo_nodes = sys.modules[f"{loader.__module__.rsplit('.', 1)[0]}.demo"]
+    demo_nodes.register_demo_negation_sets()  # what loading the pack does
+    assert not any(models.glob("digits_*")), "nothing may be written at start-up"
+    assert "digits_7" in loader.INPUT_TYPES()["required"]["set_name"][0]
+    _, vae = demo_nodes.load_demo_model()
+    builtin, info = loader().load("digits_7", 64, 0, vae)
+    assert "built-in" in info and not any(models.glob("digits_*"))
+    digits.write_negation_images(tmp_path / "digits_7", 7)
+    folder = negation.load_image_folder(str(tmp_path / "digits_7"), vae, 64, 0, "test", "digits_7")
+    assert builtin.count == folder.count == int((digits.load_data().labels == 7).sum())
+    assert torch.allclose(builtin.latents, folder.latents, atol=1e-5)
 
 
 def golden_prompt(digit: str = "7", batch: int = 4) -> dict:
