@@ -135,6 +135,7 @@ class LoadDemoModel:
                    "its cross-attention) and its VAE. Use it with Demo Digit Conditioning, an Empty Latent "
                    "Image of 64x64 px and Load Negation Set 'digits_7' (the training images of the digit 7, a "
                    "built-in entry: nothing is written to disk) to watch the Safe Denoiser remove a digit.")
+    SEARCH_ALIASES = ["demo", "digits", "tiny model", "try safe denoiser", "mnist"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "VAE")
     RETURN_NAMES = ("model", "vae")
@@ -154,6 +155,7 @@ class DemoDigitConditioning:
     DESCRIPTION = (TRY_IT + " The conditioning of the demo model: the learned context of one digit, or of "
                    "'any' digit (the unconditional context; use it as the negative, and as the positive to "
                    "sample every digit).")
+    SEARCH_ALIASES = ["demo", "digits", "digit prompt"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("CONDITIONING",)
     OUTPUT_TOOLTIPS = ("Conditioning for the demo model only (it is not text: other models cannot use it).",)

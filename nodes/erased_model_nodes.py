@@ -21,6 +21,7 @@ class LoadConceptErasedModel:
         "key names, partial files (only the trained layers) and LoRAs. The weights are applied as patches on a copy "
         "of the model (the input is untouched), so LoRA loaders placed after this node still work. The report says "
         "what was found, matched, skipped and cast.")
+    SEARCH_ALIASES = ["erase concept", "unlearn", "unlearning", "ESD", "UCE", "RECE", "SDD", "MACE", "SalUn", "AdvUnlearn", "nsfw", "safe model", "concept erased"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "report")

@@ -42,6 +42,7 @@ class NegationSetSource:
 
 
 class LoadNegationSet(NegationSetSource):
+    SEARCH_ALIASES = ["negative image", "negation set", "nsfw", "unsafe images", "safe denoiser"]
     DESCRIPTION = ("Loads a negation set: latents of images whose content the Safe Denoiser should avoid. A folder of "
                    "images is encoded with the connected VAE (batched, with progress) and cached next to the images, "
                    "so later runs skip the VAE; a .safetensors set (from Save Negation Set) needs no VAE.")
@@ -94,6 +95,7 @@ class LoadNegationSet(NegationSetSource):
 
 
 class NegationSetFromImages(NegationSetSource):
+    SEARCH_ALIASES = ["negative image", "negation set", "images to avoid"]
     DESCRIPTION = ("Builds a negation set from an IMAGE batch already in the graph (e.g. Load Image outputs) and a "
                    "VAE. Not cached: for large sets use a folder with Load Negation Set.")
     FUNCTION = "build"
@@ -123,6 +125,7 @@ class NegationSetFromImages(NegationSetSource):
 class SaveNegationSet(SaveFileNode):
     DESCRIPTION = ("Writes a negation set as a .safetensors file of latents into models/negation_sets/, so it can be "
                    "shared without the images and loaded with Load Negation Set without a VAE.")
+    SEARCH_ALIASES = ["negation set", "save latents"]
     CATEGORY = CATEGORY
 
     @classmethod

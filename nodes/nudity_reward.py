@@ -250,6 +250,7 @@ class NudityRewardPreview:
                    "public; the CLIP term is left out without a CLIP vision model), and the top detections. "
                    "Optionally blurs, pixelates, fills or outlines unsafe regions. Needs `pip install nudenet "
                    "onnxruntime` (or onnxruntime-gpu).")
+    SEARCH_ALIASES = ["nudenet", "nsfw", "nudity", "censor", "safety check", "reward", "unsafe score", "blur nsfw"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "FLOAT", "BOOLEAN", "FLOAT", "STRING")
     RETURN_NAMES = ("images", "nudity", "is_unsafe", "reward", "detections_json")

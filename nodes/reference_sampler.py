@@ -112,6 +112,7 @@ class SafeDenoiserReferenceSampler:
                    "with fresh noise, and stepped with the noise prediction from before the correction. Use the "
                    "ddim_uniform scheduler with 50 steps for the official schedule. For comparing with the paper's "
                    "code; the Safe Denoiser (model patch) works with every sampler.")
+    SEARCH_ALIASES = ["safe denoiser", "official", "ddpm", "nsfw", "reference sampler"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("SAMPLER",)
     OUTPUT_TOOLTIPS = ("Connect to the sampler input of SamplerCustom or SamplerCustomAdvanced.",)

@@ -357,8 +357,10 @@ def guidance_inputs() -> dict:
         "negation_set": ("NEGATION_SET", {"tooltip": "Latents of the content to avoid, from Load Negation Set."}),
         "mode": (list(MODES), {"default": "paper", "tooltip":
                  "paper: Eq. 4-7 of Kim et al. (kernel on the noisy sample x_t with the model's own alpha/sigma, "
-                 "weight beta(x_t) = posterior odds that x_t heads into the set). reference: the official code's arithmetic (kernel on the denoised "
-                 "estimate, fixed sigma 3.15, constant scale 0.33, calibrated gate), for matching published numbers."}),
+                 "weight beta(x_t) = posterior odds that x_t heads into the set). reference: the official code's "
+                 "arithmetic (kernel on the denoised estimate, fixed sigma 3.15, constant scale 0.33, calibrated "
+                 "gate) inside any sampler; for the official procedure step for step use the Safe Denoiser "
+                 "Reference Sampler."}),
         "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip":
                      "How hard to push away from the negation set, as a multiple of the mode's default (1.0). "
                      "paper: eta = 0.2 x strength, the prior share of unwanted content in Eq. 7 (higher removes more, "
@@ -396,6 +398,7 @@ class SafeDenoiserPatch:
                    "NeurIPS 2025): at every step the model's denoised estimate is corrected with a kernel-weighted "
                    "average of the negation latents. Connect the output MODEL to KSampler, KSamplerAdvanced, "
                    "SamplerCustom or SamplerCustomAdvanced.")
+    SEARCH_ALIASES = ["safe", "nsfw", "nudity", "safe denoiser", "negative image", "avoid content", "safety guidance"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the Safe Denoiser applied at every sampling step.",)
@@ -416,6 +419,7 @@ class SafeDenoiserKSampler:
     DESCRIPTION = ("A KSampler that steers generation away from a negation set (training-free safe denoiser, "
                    "Kim et al. NeurIPS 2025). Same inputs as KSampler plus the negation set and the guidance "
                    "parameters; works with every sampler and scheduler and with EPS, v-prediction and flow models.")
+    SEARCH_ALIASES = ["safe", "nsfw", "nudity", "safe ksampler", "negative image", "avoid content", "safety guidance"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT", "STRING")
     RETURN_NAMES = ("LATENT", "report")

@@ -100,6 +100,7 @@ class EraseConceptsUCE:
         "W p p^T)(sum c c^T + lambda sum p p^T)^-1, mapping the erased concepts' text tokens c to what W gives for "
         "their guide concepts (v* = W g), while the preserve concepts' tokens p keep their outputs. Connect the "
         "CLIP of the same checkpoint. Save the edit with Save Concept-Erased Weights to reuse or share it.")
+    SEARCH_ALIASES = ["erase concept", "UCE", "unlearn", "nsfw", "concept editing", "remove concept"]
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL", EDIT_TYPE, "STRING")
     RETURN_NAMES = ("model", "edit", "report")
@@ -250,6 +251,7 @@ class SaveConceptErasedWeights(SaveFileNode):
         "Writes the edited cross-attention projections of Erase Concepts (UCE) as a small .safetensors file in "
         f"models/{FOLDER_NAME}/ (32 tensors, about 38 MB for SD1.5 in fp16), with diffusers or LDM key names. "
         "Load Concept-Erased Model reads it back to exactly the same weights.")
+    SEARCH_ALIASES = ["erase concept", "UCE", "save weights"]
     CATEGORY = CATEGORY
 
     @classmethod

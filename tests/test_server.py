@@ -126,6 +126,20 @@ def test_object_info_describes_every_node_and_input(server: ComfyServer, server_
             assert all(info["output_tooltips"]), node_id
 
 
+def test_help_pages_and_translations_are_served(server: ComfyServer) -> None:
+    """The frontend's help panel reads /extensions/<pack>/docs/<NodeID>.md; /i18n merges locales/."""
+    from harness.locate import REPO_ROOT, TEST_NODES_NAME
+
+    pack = next(name for name in server.packs if name != TEST_NODES_NAME)
+    for node_id in DISPLAY_NAMES:
+        status, body = server.request("GET", f"/extensions/{pack}/docs/{node_id}.md")
+        assert status == 200 and body.startswith(f"# {DISPLAY_NAMES[node_id]}"), (node_id, status)
+        assert body == (REPO_ROOT / "web" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+    if server.version == "N":  # /i18n exists in current ComfyUI only
+        defs = server.get_json("/i18n")["en"]["nodeDefs"]
+        assert defs["SDN_SafeDenoiserPatch"]["display_name"] == "Safe Denoiser (model patch)"
+
+
 def test_set_dropdown_lists_the_sets(server_info: dict[str, Any]) -> None:
     choices = combo_choices(server_info["SDN_LoadNegationSet"]["input"]["required"]["set_name"])
     assert set(GOOD_SETS + BAD_SETS) <= set(choices), choices
