@@ -24,8 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,32 +254,3 @@ class NearestTraining:
 
 def set_name(digit: int = DEFAULT_NEGATED) -> str:
     return f"{SET_PREFIX}{int(digit)}"
-
-
-def write_negation_images(folder: Path | str, digit: int = DEFAULT_NEGATED,
-                          path: Path = BUNDLE_PATH) -> int:
-    """Write every training image of ``digit`` into ``folder`` as a PNG (``<index>.png``), unless
-    ``folder`` exists already. Written into a temporary sibling first, then renamed, so a folder
-    that exists is always complete. Returns the number of images written (0 if it existed)."""
-    folder = Path(folder)
-    if folder.exists():
-        return 0
-    if not 0 <= int(digit) < CLASSES:
-        raise ValueError(f"digit {digit} is not one of 0..9")
-    idx, images8 = load_data(path).of_class(int(digit))
-    pixels = upsample(images8)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        for i, image in zip(idx, pixels):
-            Image.fromarray(to_png_array(image), "RGB").save(staging / f"{int(i):04d}.png")
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            if not folder.is_dir():  # not another process that finished first
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    log.info("Wrote the demo negation set %s (%d training images of the digit %d)", folder, len(idx), digit)
-    return int(len(idx))

@@ -114,8 +114,8 @@ def context_for(prompt: str, node: str = NODE_COND) -> torch.Tensor:
 
 
 def demo_negation_images(digit: int) -> np.ndarray:
-    """``[N, 64, 64, 3]`` float pixels of every training image of ``digit``, exactly as the PNGs
-    :func:`demo.digits.write_negation_images` writes (8-bit quantised)."""
+    """``[N, 64, 64, 3]`` float pixels of every training image of ``digit``, quantised to 8 bits as a
+    PNG of them would be (:func:`demo.digits.to_png_array`)."""
     digits.verify_bundle()
     _, images8 = digits.load_data().of_class(int(digit))
     return np.stack([digits.to_png_array(image) for image in digits.upsample(images8)]).astype(np.float32) / 255.0

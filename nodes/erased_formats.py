@@ -36,6 +36,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+import psutil
 import safetensors
 import safetensors.torch
 import torch
@@ -534,14 +535,13 @@ def source_fingerprint(path: str) -> tuple:
     return tuple(entries)
 
 
+CACHE_BUDGET_BYTES = 2 * 2**30
+"""At most this many bytes of parsed tensors are kept between runs (less on small machines)."""
+
+
 def cache_budget_bytes() -> int:
-    """Bytes of parsed tensors kept between runs (``SDN_ERASED_CACHE_MB``, default 2048)."""
-    raw = os.environ.get("SDN_ERASED_CACHE_MB", "2048")
-    try:
-        return max(0, int(float(raw) * 2**20))
-    except ValueError:
-        log.warning("SDN_ERASED_CACHE_MB=%r is not a number; using 2048", raw)
-        return 2048 * 2**20
+    """Bytes of parsed tensors kept between runs: 2 GiB, or an eighth of the RAM if that is less."""
+    return min(CACHE_BUDGET_BYTES, psutil.virtual_memory().total // 8)
 
 
 class SourceCache:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from harness.locate import REPO_ROOT, RUNTIME_DIR, pack_module
 from harness.prompts import PromptBuilder
+from harness.sets import write_digit_images
 from harness.workflow import EXAMPLE_WORKFLOWS_DIR, check_ui_workflow, load_ui_workflow, nodes_of_type, ui_to_api
 
 digits = pack_module("digits")
@@ -59,9 +60,9 @@ def test_classifier_reads_the_training_digits() -> None:
     assert (probs.argmax(1) == data.labels).mean() > 0.97
 
 
-def test_negation_images_are_the_training_sevens(tmp_path: Path) -> None:
+def test_digit_images_are_the_training_sevens(tmp_path: Path) -> None:
     folder = tmp_path / "digits_7"
-    count = digits.write_negation_images(folder, 7)
+    count = write_digit_images(folder, 7)
     data = digits.load_data()
     assert count == int((data.labels == 7).sum()) == len(list(folder.glob("*.png")))
     first = sorted(folder.glob("*.png"))[0]
@@ -71,7 +72,6 @@ def test_negation_images_are_the_training_sevens(tmp_path: Path) -> None:
     index = int(first.stem)
     assert data.labels[index] == 7
     assert np.abs(pixels - digits.upsample(data.images[index:index + 1])[0]).max() <= 0.5 / 255 + 1e-6
-    assert digits.write_negation_images(folder, 7) == 0  # an existing folder is never rewritten
 
 
 def test_distance_to_training_digits_is_the_nearest_neighbour() -> None:
@@ -114,7 +114,7 @@ def test_demo_negation_set_is_built_in_and_nothing_is_written(comfy, tmp_path) -
     _, vae = demo_nodes.load_demo_model()
     builtin, info = loader().load("digits_7", 64, 0, vae)
     assert "built-in" in info and not any(models.glob("digits_*"))
-    digits.write_negation_images(tmp_path / "digits_7", 7)
+    write_digit_images(tmp_path / "digits_7", 7)
     folder = negation.load_image_folder(str(tmp_path / "digits_7"), vae, 64, 0, "test", "digits_7")
     assert builtin.count == folder.count == int((digits.load_data().labels == 7).sum())
     assert torch.allclose(builtin.latents, folder.latents, atol=1e-5)
@@ -232,7 +232,7 @@ def test_demo_writes_report_grids_and_plot(demo_report: tuple[dict, Path]) -> No
     with Image.open(out / "histograms.png") as im:
         assert im.size == (1000, 420)
     with Image.open(out / "pairs.png") as im:  # 40 samples per prompt: plain beside Safe Denoiser
-        assert im.size == (2 * 320 + 3 * 16, 2 * (128 + 18 + 16) + 16)
+        assert im.size == (2 * 320 + 3 * 16, 2 * (128 + 20 + 16) + 16)  # label rows of 20 px
 
 
 def tv_without(a: list[int], b: list[int], skip: int) -> float:

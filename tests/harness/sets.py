@@ -50,3 +50,16 @@ def write_garbage(path: Path, size: int = 256, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(np.random.default_rng(seed).integers(0, 256, size=size, dtype=np.uint8).tobytes())
     return path
+
+
+def write_digit_images(folder: Path, digit: int) -> int:
+    """Every training image of ``digit`` of the digits demo as ``<index>.png`` (64x64 RGB, the 8-bit
+    pixels of :func:`demo.digits.to_png_array`): the built-in set ``digits_<digit>`` as a folder."""
+    from .locate import pack_module
+
+    digits = pack_module("digits")
+    idx, images8 = digits.load_data().of_class(int(digit))
+    folder.mkdir(parents=True)
+    for i, image in zip(idx, digits.upsample(images8)):
+        Image.fromarray(digits.to_png_array(image), "RGB").save(folder / f"{int(i):04d}.png")
+    return int(len(idx))
