@@ -204,3 +204,19 @@ def test_workflow_runs_on_tiny_models(path: Path, comfy: ComfySession, negation_
         with Image.open(file) as saved:
             assert saved.size == (64, 64)
             assert np.isfinite(np.asarray(saved, dtype=np.float32)).all()
+
+
+@pytest.mark.parametrize("path", example_workflows(), ids=lambda p: p.name)
+def test_comfy_cli_converts_every_example_workflow_like_the_pack(path: Path,
+                                                                 object_info: dict[str, dict[str, Any]]) -> None:
+    """Parity with comfy-cli's maintained converter (`comfy run` and other API clients use it): on
+    every shipped workflow it gives the pack's prompt. The pack keeps its own converter because
+    comfy-cli 1.23 departs from the frontend elsewhere (tests/test_harness_smoke.py's workflow: a
+    PrimitiveNode's value feeding a widget is ignored, missing widget values are filled with
+    defaults and unknown node types pass silently)."""
+    from comfy_cli.workflow_to_api import convert_ui_to_api
+
+    workflow = load_ui_workflow(path)
+    theirs = convert_ui_to_api(workflow, object_info)
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in theirs.items()} == \
+        ui_to_api(workflow, object_info)
