@@ -9,6 +9,7 @@ from .negation_set_nodes import LoadNegationSet, NegationSetFromImages, SaveNega
 from .erased_model import register_folder as register_concept_erased_folder
 from .erased_model_nodes import LoadConceptErasedModel
 from .uce import EraseConceptsUCE, SaveConceptErasedWeights
+from .sdd import EraseConceptSDD
 from .nudity_reward import NudityRewardPreview, register_nudenet_folder
 from .safe_denoiser import SafeDenoiserKSampler, SafeDenoiserPatch
 from .reference_sampler import SafeDenoiserReferenceSampler
@@ -35,6 +36,7 @@ NODE_CLASS_MAPPINGS = {
     "SDN_LoadDemoModel": LoadDemoModel,
     "SDN_DemoDigitConditioning": DemoDigitConditioning,
     "SDN_SafeDenoiserReferenceSampler": SafeDenoiserReferenceSampler,
+    "SDN_EraseConceptSDD": EraseConceptSDD,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -50,4 +52,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SDN_LoadDemoModel": "Load Demo Model (digits)",
     "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
     "SDN_SafeDenoiserReferenceSampler": "Safe Denoiser Reference Sampler",
+    "SDN_EraseConceptSDD": "Erase Concept (SDD)",
 }

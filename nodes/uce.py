@@ -257,7 +257,7 @@ class SaveConceptErasedWeights(SaveFileNode):
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "edit": (EDIT_TYPE, {"tooltip": "The edit output of Erase Concepts (UCE)."}),
+            "edit": (EDIT_TYPE, {"tooltip": "The edit output of Erase Concepts (UCE) or Erase Concept (SDD)."}),
             "filename": cls.filename_input("uce-nudity"),
             "key_format": (list(KEY_FORMATS), {"default": "diffusers", "tooltip":
                            "diffusers: 'down_blocks.1.attentions.0...attn2.to_k.weight' (what UCE/ESD releases use, "
@@ -269,7 +269,7 @@ class SaveConceptErasedWeights(SaveFileNode):
     def save(self, edit, filename, key_format, overwrite):
         node = SAVE_NODE
         if not isinstance(edit, ConceptEdit):
-            raise NodeInputError(node, "edit must come from Erase Concepts (UCE).")
+            raise NodeInputError(node, "edit must come from Erase Concepts (UCE) or Erase Concept (SDD).")
         if key_format not in KEY_FORMATS:
             raise NodeInputError(node, f"key_format '{key_format}' is not one of {', '.join(KEY_FORMATS)}.")
         if key_format == "diffusers":
