@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image
 from safetensors import safe_open
 
 log = logging.getLogger(__name__)
