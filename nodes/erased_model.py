@@ -17,6 +17,7 @@ Later patches (e.g. a LoRA loader after this node) are added on top.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -52,9 +53,18 @@ MIN_MATCH_FRACTION = 0.5
 architecture and is refused."""
 
 
+DEMO_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "concept_erased")
+"""The pack's own erased weights for the digits demo (``digits_sdd7.safetensors``): a read-only root
+listed after the user's folders, so Save Concept-Erased Weights never writes there."""
+
+
 def register_folder() -> None:
-    """Register ``models/concept_erased`` (extra_model_paths.yaml entries are kept)."""
+    """Register ``models/concept_erased`` (extra_model_paths.yaml entries are kept) and, last, the
+    demo's folder."""
     register_model_folder(FOLDER_NAME, set(FILE_EXTENSIONS))
+    paths = folder_paths.folder_names_and_paths[FOLDER_NAME][0]
+    if os.path.isdir(DEMO_FOLDER) and DEMO_FOLDER not in paths:
+        paths.append(DEMO_FOLDER)
 
 
 def roots() -> list[str]:

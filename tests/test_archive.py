@@ -22,7 +22,7 @@ from test_server import DISPLAY_NAMES
 SHIPPED = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LICENSE", "nodes/safe_denoiser.py",
            "nodes/reference_sampler.py", "kernels/guidance.py", "web/nudity_reward_preview.js",
            "web/docs/SDN_SafeDenoiserPatch.md", "locales/en/nodeDefs.json", "demo/__init__.py", "demo/digits.py",
-           "demo/digits_ldm.safetensors", "example_workflows/digits_demo.json", "example_workflows/digits_demo.jpg",
+           "demo/digits_ldm.safetensors", "demo/concept_erased/digits_sdd7.safetensors", "example_workflows/digits_demo.json", "example_workflows/digits_demo.jpg",
            "docs/icon.png"]
 NOT_SHIPPED = ("tests/", "benchmarks/", "devtools/", ".ci/", "demo/comfy_server.py", "demo/comfy_locate.py",
                "demo/run.sh", "demo/run_demo.py", "demo/train_digits.py", "demo/ui_workflow.py")

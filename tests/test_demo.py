@@ -221,7 +221,7 @@ def test_demo_writes_report_grids_and_plot(demo_report: tuple[dict, Path]) -> No
     report, out = demo_report
     assert report["negated_class"] == 7 and report["seconds"] > 0
     arms = {(a["prompt"], a["guidance"]): a for a in report["arms"]}
-    assert set(arms) == {(p, g) for p in ("any", "7") for g in ("none", "safe_denoiser")}
+    assert set(arms) == {(p, g) for p in ("any", "7") for g in ("none", "safe_denoiser", "sdd", "sdd+safe_denoiser")}
     for arm in report["arms"]:
         assert arm["n"] == SAMPLES and sum(arm["class_histogram"]) == SAMPLES and len(arm["class_histogram"]) == 10
         assert arm["negated_rate"] == pytest.approx(arm["class_histogram"][7] / SAMPLES)
@@ -256,3 +256,21 @@ def test_demo_shows_the_safe_denoiser_removes_the_class(demo_report: tuple[dict,
     assert unsafe_plain["negated_rate"] >= 0.80  # the unsafe prompt
     assert unsafe_safe["negated_rate"] < 0.35
     assert unsafe_safe["mean_distance_to_data"] <= 2.2 * unsafe_plain["mean_distance_to_data"]
+
+
+def test_demo_shows_sdd_erases_the_class_and_composes(demo_report: tuple[dict, Path]) -> None:
+    """The shipped SDD edit (demo/concept_erased/digits_sdd7.safetensors, Load Concept-Erased Model):
+    with the prompt 7 the erased model draws sevens no more often than 1.3x the plain model does
+    without a prompt, still digits; with the prompt any the ten classes barely move; with the Safe
+    Denoiser on top both prompts lose most of what is left (same seeds throughout)."""
+    report, _ = demo_report
+    arms = {(a["prompt"], a["guidance"]): a for a in report["arms"]}
+    plain_any, plain_7 = arms[("any", "none")], arms[("7", "none")]
+    sdd_any, sdd_7 = arms[("any", "sdd")], arms[("7", "sdd")]
+    assert sdd_7["negated_rate"] <= 1.3 * plain_any["negated_rate"], (sdd_7["negated_rate"], plain_any["negated_rate"])
+    assert sdd_7["mean_distance_to_data"] <= 1.2 * plain_7["mean_distance_to_data"]
+    tv = 0.5 * float(np.abs(np.array(plain_any["class_histogram"]) - np.array(sdd_any["class_histogram"])).sum()) / SAMPLES
+    assert tv <= 0.08, tv
+    both_any, both_7 = arms[("any", "sdd+safe_denoiser")], arms[("7", "sdd+safe_denoiser")]
+    assert both_any["negated_rate"] <= plain_any["negated_rate"] / 3
+    assert both_7["negated_rate"] <= 0.05
