@@ -274,3 +274,11 @@ def test_demo_shows_sdd_erases_the_class_and_composes(demo_report: tuple[dict, P
     both_any, both_7 = arms[("any", "sdd+safe_denoiser")], arms[("7", "sdd+safe_denoiser")]
     assert both_any["negated_rate"] <= plain_any["negated_rate"] / 3
     assert both_7["negated_rate"] <= 0.05
+
+
+def test_shipped_sdd_edit_matches_its_recorded_hash() -> None:
+    path = REPO_ROOT / "demo" / "concept_erased" / "digits_sdd7.safetensors"
+    recorded = (path.parent / (path.name + ".sha256")).read_text(encoding="utf-8").split()[0]
+    import hashlib
+
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded, "re-run python -m devtools.train_digits_sdd"
