@@ -79,6 +79,22 @@ def sampling_wrapper_types(model: Any) -> tuple[str, str] | None:
     return WrappersMP.PREDICT_NOISE, WrappersMP.OUTER_SAMPLE
 
 
+def show_on_node(text: str) -> bool:
+    """Show ``text`` on the node that is executing (current ComfyUI: the frontend's progress text
+    under the node); False where this ComfyUI has no such message or no server is running."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return False
+    context = get_executing_context()
+    server = getattr(PromptServer, "instance", None)
+    if context is None or server is None or not hasattr(server, "send_progress_text"):
+        return False
+    server.send_progress_text(text, context.node_id)
+    return True
+
+
 def supports_pre_cfg(model: Any) -> bool:
     """Whether this ComfyUI calls ``sampler_pre_cfg_function`` hooks (added in 2024)."""
     return hasattr(model, "set_model_sampler_pre_cfg_function")

@@ -53,6 +53,7 @@ from .comfy_compat import (
     model_object,
     percent_to_sigma,
     sampling_wrapper_types,
+    show_on_node,
     supports_pre_cfg,
 )
 from .negation_set import NegationSet
@@ -279,7 +280,7 @@ class SafeDenoiserHook:
             return executor(*args, **kwargs)
         finally:
             if self.report.total_evaluations == evaluations_before and self.settings.strength > 0:
-                self.report.never_called()
+                show_on_node(self.report.never_called())
             self.report.finish()
 
 

@@ -86,13 +86,14 @@ class GuidanceReport:
                 and self._last_sigma <= self._final_sigma * (1 + 1e-6):
             self.finish()
 
-    def never_called(self) -> None:
-        """A sampling run ended without one model evaluation reaching the hook: say so."""
+    def never_called(self) -> str:
+        """A sampling run ended without one model evaluation reaching the hook: log it; the text."""
         text = (f"Safe Denoiser ({self.mode}): a sampling run ended without the guidance being called once: the "
                 "sampler or guider bypasses ComfyUI's model hooks, so nothing was corrected. Use KSampler, "
                 "SamplerCustom(Advanced) with a ComfyUI guider, or the Safe Denoiser KSampler.")
         log.warning("%s", text)
         self.last_summary = text
+        return text
 
     # ---------------------------------------------------------------- output
     def summary(self) -> str:
