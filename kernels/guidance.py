@@ -80,6 +80,29 @@ def _per_sample(v: torch.Tensor | float, batch: int, dtype: torch.dtype, device:
     return t
 
 
+def _streamed_softmax_mean(chunks, bsz: int, dim: int, dtype: torch.dtype, device: torch.device):
+    """Online softmax over ``N`` in chunks (running max, normaliser and weighted sum).
+
+    Args:
+        chunks: iterable of ``(values [n, D], scores [B, n])`` in the compute dtype.
+
+    Returns:
+        ``(mean [B, D], max [B], sum [B])`` with ``mean = sum_n softmax(scores)_n values_n`` and
+        ``log sum_n exp(score_n) = max + log(sum)``.
+    """
+    m = torch.full((bsz,), -math.inf, dtype=dtype, device=device)
+    lsum = torch.zeros(bsz, dtype=dtype, device=device)
+    acc = torch.zeros(bsz, dim, dtype=dtype, device=device)
+    for values, score in chunks:
+        m_new = torch.maximum(m, score.amax(1))
+        rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first chunk
+        p = torch.exp(score - m_new[:, None])
+        lsum = lsum * rescale + p.sum(1)
+        acc = acc * rescale[:, None] + p @ values  # GEMM 2: [B, D]
+        m = m_new
+    return acc / lsum[:, None], m, lsum
+
+
 def _online_softmax_mean(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -103,21 +126,15 @@ def _online_softmax_mean(
         :class:`KernelMean` with ``log_norm = bias + logsumexp_n(score)``.
     """
     cdt = x.dtype
-    bsz, dim = x.shape
-    m = torch.full((bsz,), -math.inf, dtype=cdt, device=x.device)
-    lsum = torch.zeros(bsz, dtype=cdt, device=x.device)
-    acc = torch.zeros(bsz, dim, dtype=cdt, device=x.device)
-    for start in range(0, y.shape[0], chunk):
-        yc = y[start:start + chunk].to(device=x.device, dtype=cdt)
-        ysq = (yc * yc).sum(1) if y_sq is None else y_sq[start:start + chunk].to(device=x.device, dtype=cdt)
-        score = coef_xy[:, None] * (x @ yc.T) - coef_yy[:, None] * ysq[None, :]  # GEMM 1: [B, n]
-        m_new = torch.maximum(m, score.amax(1))
-        rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first chunk
-        p = torch.exp(score - m_new[:, None])
-        lsum = lsum * rescale + p.sum(1)
-        acc = acc * rescale[:, None] + p @ yc  # GEMM 2: [B, D]
-        m = m_new
-    return KernelMean(mean=acc / lsum[:, None], log_norm=bias + m + torch.log(lsum))
+
+    def chunks():
+        for start in range(0, y.shape[0], chunk):
+            yc = y[start:start + chunk].to(device=x.device, dtype=cdt)
+            ysq = (yc * yc).sum(1) if y_sq is None else y_sq[start:start + chunk].to(device=x.device, dtype=cdt)
+            yield yc, coef_xy[:, None] * (x @ yc.T) - coef_yy[:, None] * ysq[None, :]  # GEMM 1: [B, n]
+
+    mean, m, lsum = _streamed_softmax_mean(chunks(), x.shape[0], x.shape[1], cdt, x.device)
+    return KernelMean(mean=mean, log_norm=bias + m + torch.log(lsum))
 
 
 def kernel_posterior_mean(
@@ -343,19 +360,10 @@ def reference_kernel_mean(
     cdt = compute_dtype(x0, y)
     xc = x0.to(cdt)
     bsz, dim = xc.shape
-    m = torch.full((bsz,), -math.inf, dtype=cdt, device=xc.device)
-    lsum = torch.zeros(bsz, dtype=cdt, device=xc.device)
-    acc = torch.zeros(bsz, dim, dtype=cdt, device=xc.device)
-    for yc, logk in _reference_logk(xc, y, sigma, y_sq, chunk):
-        m_new = torch.maximum(m, logk.amax(1))
-        rescale = torch.exp(m - m_new)
-        p = torch.exp(logk - m_new[:, None])
-        lsum = lsum * rescale + p.sum(1)
-        acc = acc * rescale[:, None] + p @ yc
-        m = m_new
+    mean, m, lsum = _streamed_softmax_mean(_reference_logk(xc, y, sigma, y_sq, chunk), bsz, dim, cdt, xc.device)
     log_norm = m + torch.log(lsum)
     ksum = torch.exp(log_norm)
-    mean = (acc / lsum[:, None]) * (ksum / (ksum + REFERENCE_EPS))[:, None]
+    mean = mean * (ksum / (ksum + REFERENCE_EPS))[:, None]
     return KernelMean(mean=mean, log_norm=log_norm)
 
 
