@@ -626,15 +626,6 @@ def list_entries(roots: Iterable[str], max_depth: int = 4) -> list[str]:
     return sorted(names, key=str.lower)
 
 
-def summarize_groups(parts: Iterable[Part]) -> Counter:
-    """Counts of keys per (group, space) over ``parts`` (for the report)."""
-    counts: Counter = Counter()
-    for part in parts:
-        for cls in part.classes.values():
-            counts[(cls.group, cls.space if cls.group == "unet" else "")] += 1
-    return counts
-
-
 def receler_like(parts: Iterable[Part]) -> bool:
     """Receler's adapter "erasers" (their own modules, not weights of the base model)."""
     return any("eraser" in k.lower() for part in parts for k in part.classes)

@@ -124,12 +124,6 @@ def output_path(folder_name: str, filename: str, overwrite: bool, node: str) -> 
     return path
 
 
-def file_fingerprint(path: str) -> str:
-    """``path:size:mtime_ns``: a cheap change marker for ``IS_CHANGED`` and caches."""
-    st = os.stat(path)
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
-
-
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> None:
     """Write a ``.safetensors`` file through a temp file in the same folder + rename."""
     folder = os.path.dirname(path)
