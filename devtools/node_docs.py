@@ -107,7 +107,7 @@ def write_all(classes: Mapping[str, Any], display_names: Mapping[str, str]) -> l
 
 def pack_nodes(mappings: Mapping[str, Any], names: Mapping[str, str]) -> tuple[dict, dict]:
     """The pack's own nodes (``SDN_*``) out of a ComfyUI's mappings."""
-    classes = {k: v for k, v in mappings.items() if k.startswith("SDN_") and not k.startswith("SDNTest_")}
+    classes = {k: v for k, v in mappings.items() if k.startswith("SDN_")}  # SDNTest_ (test nodes) do not match
     return classes, {k: names.get(k, k) for k in classes}
 
 

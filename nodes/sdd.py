@@ -197,8 +197,9 @@ def _train(model: Any, concepts: Any, uncond: Any, settings: SDDSettings) -> tup
     teacher = copy.deepcopy(student).eval()
     trained = [n for n in names if trained_parameter(n, settings.parameter_set)]
     params = dict(student.named_parameters())
+    trained_set = set(trained)
     for name, p in params.items():
-        p.requires_grad_(name in set(trained))
+        p.requires_grad_(name in trained_set)
     teacher.requires_grad_(False)
     t_params = dict(teacher.named_parameters())
     student_list, teacher_list = [params[n] for n in trained], [t_params[n] for n in trained]

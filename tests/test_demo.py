@@ -106,8 +106,7 @@ def test_demo_negation_set_is_built_in_and_nothing_is_written(comfy, tmp_path) -
     for stale in models.glob("digits_*"):  # written at start-up by earlier versions of the pack
         shutil.rmtree(stale)
     loader = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_LoadNegationSet"]
-    negation = sys.modules[f"{loader.__module__.rsplit('.', 1)[0]}.negation_set"]
-    demo_nodes = sys.modules[f"{loader.__module__.rsplit('.', 1)[0]}.demo"]
+    negation, demo_nodes = comfy.node_module("negation_set"), comfy.node_module("demo")
     demo_nodes.register_demo_negation_sets()  # what loading the pack does
     assert not any(models.glob("digits_*")), "nothing may be written at start-up"
     assert "digits_7" in loader.INPUT_TYPES()["required"]["set_name"][0]

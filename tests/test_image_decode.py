@@ -5,7 +5,6 @@ the decoder; the last tests go through Load Negation Set with a real (tiny) VAE.
 from __future__ import annotations
 
 import struct
-import sys
 import zlib
 from pathlib import Path
 
@@ -20,8 +19,7 @@ RAMP = RAMP16 / 65535.0
 
 @pytest.fixture(scope="module")
 def dec(comfy):
-    cls = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_LoadNegationSet"]
-    return sys.modules[f"{cls.__module__.rsplit('.', 1)[0]}.image_decode"]
+    return comfy.node_module("image_decode")
 
 
 def gray3(a: np.ndarray) -> np.ndarray:
@@ -177,8 +175,7 @@ def test_negation_folder_encodes_16_bit_gray_like_its_8_bit_twin(comfy, tmp_path
     at 8 bits (before: 98% of pixels clipped to white, latents off by up to 0.63-0.86)."""
     from harness import tiny_models
 
-    cls = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_LoadNegationSet"]
-    negation = sys.modules[f"{cls.__module__.rsplit('.', 1)[0]}.negation_set"]
+    negation = comfy.node_module("negation_set")
     vae = tiny_models.build_vae(0)
     ramp8 = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (64, 1))
     sets = {}  # 16-bit value v * 257 is exactly the 8-bit value v: the same picture, so the same latents
@@ -196,8 +193,7 @@ def test_negation_folder_encodes_16_bit_gray_like_its_8_bit_twin(comfy, tmp_path
 def test_negation_folder_refuses_an_unfaithful_file_by_name(comfy, tmp_path):
     from harness import tiny_models
 
-    cls = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_LoadNegationSet"]
-    negation = sys.modules[f"{cls.__module__.rsplit('.', 1)[0]}.negation_set"]
+    negation = comfy.node_module("negation_set")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
     Image.fromarray(np.full((8, 8), 300.0, np.float32)).save(tmp_path / "hdr.tif")
     with pytest.raises(Exception, match=r"Load Negation Set.*hdr\.tif.*0\.\.1") as err:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,6 @@ class CountingVAE:
 
     def __getattr__(self, name):
         return getattr(self._vae, name)
-
-
-def pack(comfy, name: str):
-    cls = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_LoadNegationSet"]
-    return sys.modules[f"{cls.__module__.rsplit('.', 1)[0]}.{name}"]
 
 
 def node(comfy, node_id: str):
@@ -144,7 +138,7 @@ def test_corrupt_cache_is_rebuilt(comfy, image_set, vae, caplog):
 
 
 def test_atomic_write_leaves_target_and_folder_clean_on_failure(comfy, tmp_path):
-    ns = pack(comfy, "negation_set")
+    ns = comfy.node_module("negation_set")
     target = tmp_path / "set.safetensors"
     target.mkdir()  # os.replace onto a directory fails after the temp file was written
     (target / "keep").write_text("x")

@@ -16,7 +16,6 @@ trajectories must agree to 1e-5 at every step, with both gate states exercised.
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -25,11 +24,6 @@ from test_safe_denoiser import COUNT, UNSAFE, tm
 
 STEPS, BATCH, SEED = 50, 6, 7
 SCALE, KSIGMA = 0.33, 3.15
-
-
-def pack(comfy, name):
-    cls = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_SafeDenoiserReferenceSampler"]
-    return sys.modules[f"{cls.__module__.rsplit('.', 1)[0]}.{name}"]
 
 
 def official(denoise, x_ve0, sigmas, y, threshold, margin, seed, sigma_lo):
@@ -76,9 +70,9 @@ def official(denoise, x_ve0, sigmas, y, threshold, margin, seed, sigma_lo):
 def test_reference_sampler_reproduces_the_official_procedure(comfy, margin):
     import comfy.sample as comfy_sample
 
-    rs = pack(comfy, "reference_sampler")
-    safe = pack(comfy, "safe_denoiser")
-    negation_set = pack(comfy, "negation_set")
+    rs = comfy.node_module("reference_sampler")
+    safe = comfy.node_module("safe_denoiser")
+    negation_set = comfy.node_module("negation_set")
     points = tm.make_point_set(seed=0, count=COUNT)
     model = tm.patch_exact_denoiser(tm.build_model("sd15", 0), points)
     ms, lf = tm.model_object(model, "model_sampling"), tm.model_object(model, "latent_format")
@@ -118,8 +112,8 @@ def test_reference_sampler_reproduces_the_official_procedure(comfy, margin):
 def test_reference_sampler_refuses_flow_models(comfy):
     import comfy.sample as comfy_sample
 
-    rs = pack(comfy, "reference_sampler")
-    negation_set = pack(comfy, "negation_set")
+    rs = comfy.node_module("reference_sampler")
+    negation_set = comfy.node_module("negation_set")
     model = tm.build_model("flow", 0)
     nset = negation_set.NegationSet(torch.randn(3, 4, 8, 8), {"name": "toy"})
     (sampler,) = rs.SafeDenoiserReferenceSampler().get_sampler(nset, SCALE, KSIGMA, 1.6)

@@ -6,7 +6,6 @@ UNet does not add residuals in place (current releases); on the 2024-03 one the 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,6 @@ from test_safe_denoiser import tm
 
 FAST = dict(steps=8, learning_rate=3e-3, ema_decay=0.5, guidance=3.0, parameters="cross-attention", width=64,
             height=64, seed=0)
-
-
-def pack(comfy, name):
-    cls = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_EraseConceptSDD"]
-    return sys.modules[f"{cls.__module__.rsplit('.', 1)[0]}.{name}"]
 
 
 def conds():
@@ -47,7 +41,7 @@ def snapshot(cc, model):
 
 
 def test_only_the_chosen_parameters_change_and_the_base_is_untouched(comfy, current):
-    cc = pack(comfy, "comfy_compat")
+    cc = comfy.node_module("comfy_compat")
     model = tm.build_model("sd15", 0)
     weights, patches = snapshot(cc, model)
     erased, edit, report = run(comfy, model)
@@ -72,7 +66,7 @@ def erasure_gap(comfy, model) -> float:
     """Mean ||x0_hat(concept) - x0_hat(uncond)||^2 on fixed probes across noise levels: what SDD drives to 0."""
     import comfy.model_management as mm
 
-    sdd = pack(comfy, "sdd")
+    sdd = comfy.node_module("sdd")
     mm.load_models_gpu([model])
     ms = tm.model_object(model, "model_sampling")
     concept, uncond = conds()
@@ -126,7 +120,7 @@ def test_saved_edit_round_trips_through_the_loader(comfy, current, tmp_path):
     root = tmp_path / "concept_erased"
     root.mkdir()
     comfy.add_model_folder("concept_erased", root)
-    cc = pack(comfy, "comfy_compat")
+    cc = comfy.node_module("comfy_compat")
     model = tm.build_model("sd15", 0)
     erased, edit, _ = run(comfy, model)
     save = comfy.nodes.NODE_CLASS_MAPPINGS["SDN_SaveConceptErasedWeights"]()
@@ -140,7 +134,7 @@ def test_saved_edit_round_trips_through_the_loader(comfy, current, tmp_path):
 
 def test_bad_inputs_give_clear_errors(comfy):
     model = tm.build_model("sd15", 0)
-    cc = pack(comfy, "comfy_compat")
+    cc = comfy.node_module("comfy_compat")
     weights, patches = snapshot(cc, model)
     if comfy.version != "N":
         with pytest.raises(cc.NodeInputError, match="adds residuals in place.*v0.3.64"):

@@ -227,6 +227,12 @@ class ComfySession:
             paths.insert(0, str(path))
 
     # -- node definitions -----------------------------------------------------------------------
+    def node_module(self, name: str) -> ModuleType:
+        """The pack's ``nodes/<name>.py`` as ComfyUI loaded it (its package name depends on the
+        folder the pack is installed under)."""
+        package = self.nodes.NODE_CLASS_MAPPINGS["SDN_LoadNegationSet"].__module__.rsplit(".", 1)[0]
+        return sys.modules[f"{package}.{name}"]
+
     def object_info(self) -> dict[str, dict[str, Any]]:
         """Node definitions shaped like the server's ``/object_info`` (input, output, flags)."""
         info: dict[str, dict[str, Any]] = {}
