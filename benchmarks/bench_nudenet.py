@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
-from pack_file import load_pack_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devtools.pack_file import load_pack_file  # noqa: E402
 
 log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_nudenet")
 

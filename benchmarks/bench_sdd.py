@@ -16,10 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
 
 from harness.runtime import ComfySession  # noqa: E402
-from pack_file import load_pack_file  # noqa: E402
+from devtools.pack_file import load_pack_file  # noqa: E402
 
 log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_sdd")
 

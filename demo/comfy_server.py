@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -83,7 +84,120 @@ def write_extra_model_paths(path: Path, entries: Mapping[str, Union[PathLike, Se
     return path
 
 
-class ComfyServer:
+class ComfyClient:
+    """HTTP client of a running ComfyUI (``POST /prompt``, ``/history``, ``/view``, ``/object_info``).
+
+    Used as is for servers someone else started (``ComfyClient("http://host:8188")``) and as the
+    base of :class:`ComfyServer`, which owns its process. :meth:`alive` is how :meth:`wait` learns
+    that the server died (an attached client can only tell from failed requests).
+    """
+
+    def __init__(self, url: str = ""):
+        self._url = url.rstrip("/")
+        self._prompts: dict[str, dict[str, Any]] = {}
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def alive(self) -> bool:
+        """False once the server is known to have exited."""
+        return True
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The server's log tail where this client can read it (an attached server: nothing)."""
+        return ""
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    def request(self, method: str, path: str, payload: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+        """``(status, body)`` of one request: decoded JSON, else text, else raw bytes (images);
+        HTTP error statuses are returned too."""
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                status, body = resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            status, body = err.code, err.read()
+        try:
+            return status, json.loads(body) if body else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            try:
+                return status, body.decode("utf-8")
+            except UnicodeDecodeError:
+                return status, body
+
+    def get_json(self, path: str) -> Any:
+        """The body of ``GET path``; :class:`ServerError` unless it answers 200."""
+        status, body = self.request("GET", path)
+        if status != 200:
+            raise ServerError(f"GET {path} answered {status}: {body}\n{self.log_tail(20)}")
+        return body
+
+    def object_info(self) -> dict[str, Any]:
+        """``/object_info``: every node definition, by node id."""
+        return self.get_json("/object_info")
+
+    def refused(self, prompt: Mapping[str, Any], body: Mapping[str, Any]) -> Exception:
+        """The exception for a prompt ComfyUI refused (``POST /prompt``'s ``error`` + ``node_errors``)."""
+        return ServerError(f"ComfyUI refused the prompt: {json.dumps(body)[:2000]}")
+
+    def failed(self, prompt: Mapping[str, Any], messages: list[tuple[str, dict[str, Any]]]) -> Exception:
+        """The exception for a prompt that failed to run (its ``/history`` status messages)."""
+        errors = [data for event, data in messages if event == "execution_error"]
+        detail = errors[-1].get("exception_message", "") if errors else [event for event, _ in messages]
+        return ServerError(f"ComfyUI failed to run the prompt: {detail}\n{self.log_tail(20)}")
+
+    def post_prompt(self, prompt: dict[str, Any], client_id: Optional[str] = None) -> str:
+        """Queue an API prompt; return its prompt id or raise :meth:`refused`'s exception."""
+        payload = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+        status, body = self.request("POST", "/prompt", payload)
+        if status != 200:
+            if isinstance(body, dict) and ("error" in body or "node_errors" in body):
+                raise self.refused(prompt, body)
+            raise ServerError(f"POST /prompt answered {status}: {body}\n{self.log_tail(20)}")
+        prompt_id = str(body["prompt_id"])
+        self._prompts[prompt_id] = prompt
+        return prompt_id
+
+    def wait(self, prompt_id: str, timeout: float = 60.0, poll: float = 0.1) -> dict[str, Any]:
+        """Poll ``/history/<id>`` until the prompt finished; return its history entry.
+
+        Raises :meth:`failed`'s exception if it failed, :class:`ServerError` if the server died
+        or the prompt did not finish within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get_json(f"/history/{prompt_id}")
+            entry = history.get(prompt_id) if isinstance(history, dict) else None
+            if entry:
+                status = entry.get("status") or {}
+                if status.get("status_str") == "error" or status.get("completed") is False:
+                    messages = [(m[0], m[1]) for m in status.get("messages", [])]
+                    raise self.failed(self._prompts.get(prompt_id, {}), messages)
+                return entry
+            if not self.alive():
+                raise ServerError(f"ComfyUI died while running prompt {prompt_id}\n{self.log_tail()}")
+            time.sleep(poll)
+        raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s\n{self.log_tail()}")
+
+    def run_prompt(self, prompt: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """Queue a prompt, wait for it and return its ``outputs`` (``{node_id: ui_output}``)."""
+        return self.wait(self.post_prompt(prompt), timeout)["outputs"]
+
+    def view(self, item: Mapping[str, Any], timeout: float = 60.0) -> bytes:
+        """The bytes of one image of a history entry's outputs (``{"filename", "subfolder", "type"}``)
+        through ``GET /view``, so a server on another machine works as well as a local one."""
+        query = urllib.parse.urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                        "type": item.get("type", "output")})
+        status, body = self.request("GET", f"/view?{query}", timeout=timeout)
+        if status != 200 or not isinstance(body, (bytes, bytearray)):
+            raise ServerError(f"GET /view for {item.get('filename')!r} answered {status}")
+        return bytes(body)
+
+
+class ComfyServer(ComfyClient):
     """One ``main.py --cpu`` process on loopback; :meth:`start` / :meth:`stop` (or ``with``).
 
     ``packs`` ``{installed name: folder}`` are linked into a ``custom_nodes`` folder for the
@@ -112,7 +226,7 @@ class ComfyServer:
         self.input_dir = self.work_dir / "input"
         self.temp_dir = self.work_dir / "temp"
         self._process: Optional[subprocess.Popen] = None
-        self._prompts: dict[str, dict[str, Any]] = {}
+        super().__init__()
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -201,84 +315,9 @@ class ComfyServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def log_tail(self, lines: int = 60) -> str:
         """The last ``lines`` lines of the server's log."""
         return log_tail(self.log_path, lines, f"ComfyUI server log ({self.log_path})")
-
-    # -- HTTP -----------------------------------------------------------------------------------
-    def request(self, method: str, path: str, payload: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
-        """``(status, body)`` of one request: decoded JSON, else text, else raw bytes (images);
-        HTTP error statuses are returned too."""
-        data = None if payload is None else json.dumps(payload).encode("utf-8")
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                status, body = resp.status, resp.read()
-        except urllib.error.HTTPError as err:
-            status, body = err.code, err.read()
-        try:
-            return status, json.loads(body) if body else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            try:
-                return status, body.decode("utf-8")
-            except UnicodeDecodeError:
-                return status, body
-
-    def get_json(self, path: str) -> Any:
-        """The body of ``GET path``; :class:`ServerError` unless it answers 200."""
-        status, body = self.request("GET", path)
-        if status != 200:
-            raise ServerError(f"GET {path} answered {status}: {body}\n{self.log_tail(20)}")
-        return body
-
-    def object_info(self) -> dict[str, Any]:
-        """``/object_info``: every node definition, by node id."""
-        return self.get_json("/object_info")
-
-    def refused(self, prompt: Mapping[str, Any], body: Mapping[str, Any]) -> Exception:
-        """The exception for a prompt ComfyUI refused (``POST /prompt``'s ``error`` + ``node_errors``)."""
-        return ServerError(f"ComfyUI refused the prompt: {json.dumps(body)[:2000]}")
-
-    def failed(self, prompt: Mapping[str, Any], messages: list[tuple[str, dict[str, Any]]]) -> Exception:
-        """The exception for a prompt that failed to run (its ``/history`` status messages)."""
-        errors = [data for event, data in messages if event == "execution_error"]
-        detail = errors[-1].get("exception_message", "") if errors else [event for event, _ in messages]
-        return ServerError(f"ComfyUI failed to run the prompt: {detail}\n{self.log_tail(20)}")
-
-    def post_prompt(self, prompt: dict[str, Any], client_id: Optional[str] = None) -> str:
-        """Queue an API prompt; return its prompt id or raise :meth:`refused`'s exception."""
-        payload = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
-        status, body = self.request("POST", "/prompt", payload)
-        if status != 200:
-            if isinstance(body, dict) and ("error" in body or "node_errors" in body):
-                raise self.refused(prompt, body)
-            raise ServerError(f"POST /prompt answered {status}: {body}\n{self.log_tail(20)}")
-        prompt_id = str(body["prompt_id"])
-        self._prompts[prompt_id] = prompt
-        return prompt_id
-
-    def wait(self, prompt_id: str, timeout: float = 60.0, poll: float = 0.1) -> dict[str, Any]:
-        """Poll ``/history/<id>`` until the prompt finished; return its history entry.
-
-        Raises :meth:`failed`'s exception if it failed, :class:`ServerError` if the server died
-        or the prompt did not finish within ``timeout`` seconds.
-        """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            history = self.get_json(f"/history/{prompt_id}")
-            entry = history.get(prompt_id) if isinstance(history, dict) else None
-            if entry:
-                status = entry.get("status") or {}
-                if status.get("status_str") == "error" or status.get("completed") is False:
-                    messages = [(m[0], m[1]) for m in status.get("messages", [])]
-                    raise self.failed(self._prompts.get(prompt_id, {}), messages)
-                return entry
-            if self._process is None or self._process.poll() is not None:
-                raise ServerError(f"ComfyUI died while running prompt {prompt_id}\n{self.log_tail()}")
-            time.sleep(poll)
-        raise ServerError(f"prompt {prompt_id} did not finish within {timeout:.0f} s\n{self.log_tail()}")
-
-    def run_prompt(self, prompt: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        """Queue a prompt, wait for it and return its ``outputs`` (``{node_id: ui_output}``)."""
-        return self.wait(self.post_prompt(prompt), timeout)["outputs"]

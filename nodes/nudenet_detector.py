@@ -237,13 +237,23 @@ def load_detector(model: str, resolution: int = 0, device: str = "auto") -> Dete
     """
     import comfy.model_management
 
+    torch_device = comfy.model_management.get_torch_device()
+    return open_detector(model_path(model), model, resolution, device, torch_device.type,
+                         getattr(torch_device, "index", None))
+
+
+def open_detector(path: str, model: str, resolution: int = 0, device: str = "auto", torch_device_type: str = "cpu",
+                  device_index: Optional[int] = None) -> Detector:
+    """A :class:`Detector` for the model file ``path`` without ComfyUI (the evaluation tool, the
+    benchmarks); ``torch_device_type`` stands in for ComfyUI's device when choosing providers.
+
+    Raises:
+        BackendMissing, ValueError: as :func:`load_detector`.
+    """
     if resolution < 0 or resolution % 32:
         raise ValueError(f"inference_resolution {resolution} must be 0 (auto) or a multiple of 32")
     ort, nudenet_module = _import_backend()
-    path = model_path(model)
-    torch_device = comfy.model_management.get_torch_device()
-    providers = choose_providers(ort.get_available_providers(), device, torch_device.type,
-                                 getattr(torch_device, "index", None))
+    providers = choose_providers(ort.get_available_providers(), device, torch_device_type, device_index)
     session = open_session(ort, path, providers)
     return make_detector(nudenet_module, session, model, path, resolve_resolution(int(resolution), model, session))
 

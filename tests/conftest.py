@@ -75,3 +75,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     if report.failed:
         for server in dict.fromkeys(_servers_of(item)):
             report.sections.append((f"ComfyUI server log ({server.work_dir})", server.log_tail(80)))
+
+
+# -- the fast lane: `pytest -m fast` ---------------------------------------------------------------
+
+#: Fixtures that start ComfyUI (in-process or as a server) or a run of the demo.
+HEAVY_FIXTURES = frozenset({"comfy", "comfy_server", "comfy_server_factory", "demo_report", "node_module",
+                            "detector_module", "photos"})
+#: Modules whose tests start processes themselves (comfy-cli, ComfyUI servers, the demo, Chromium).
+HEAVY_MODULES = frozenset({"test_archive", "test_server", "test_nudity_reward_server", "test_demo"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "fast: needs no ComfyUI and starts no process (selected automatically; "
+                                       "`pytest -m fast` runs the kernels and pure helpers in under a minute)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``fast`` every test that uses none of :data:`HEAVY_FIXTURES` outside :data:`HEAVY_MODULES`."""
+    for item in items:
+        module = Path(str(item.fspath)).stem
+        if module not in HEAVY_MODULES and not HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.fast)

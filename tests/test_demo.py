@@ -281,3 +281,92 @@ def test_shipped_sdd_edit_matches_its_recorded_hash() -> None:
     import hashlib
 
     assert hashlib.sha256(path.read_bytes()).hexdigest() == recorded, "re-run python -m devtools.train_digits_sdd"
+
+
+# -- the evaluation tool on the digits model (python -m devtools.evaluate) ------------------------
+
+EVALUATE = [sys.executable, "-m", "devtools.evaluate", "--workflow", str(WORKFLOW), "--prompt-input", "2.digit",
+            "--seed-input", "6.seed", "--seed-input", "7.seed", "--scorer", "digits:7"]
+
+
+def run_evaluate(args: list[str], out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [*EVALUATE, *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, TQDM_DISABLE="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def write_rows(path: Path, rows: list[tuple[str, int]]) -> Path:
+    lines = ["prompt,evaluation_seed,categories"] + [f"{p},{s},prompt {p}" for p, s in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def without_timing(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "timing"}
+
+
+def test_evaluation_table_equals_the_demo_image_by_image(demo_report: tuple[dict, Path], tmp_path: Path) -> None:
+    """The digits version of the papers' table: rows ``any`` and ``7`` (the demo's seed and batch, so
+    the very same images), plain and Safe Denoiser outputs, the digits classifier as the "unsafe"
+    scorer, through a real server the tool starts. A row ComfyUI refuses is recorded, the run goes
+    on, and running the same command again runs nothing and reports the same."""
+    report, _ = demo_report
+    arms = {(a["prompt"], a["guidance"]): a for a in report["arms"]}
+    prompts = write_rows(tmp_path / "rows.csv", [("any", 0), ("7", 0), ("eight", 1)])
+    args = ["--prompts", str(prompts), "--set", f"4.batch_size={SAMPLES}", "--output", "Plain",
+            "--output", "Safe Denoiser"]
+    out = tmp_path / "eval"
+    run_evaluate(args, out)
+    table = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert table["rows"] == 3 and table["ok"] == 2 and table["failed"] == 1
+    (failure,) = table["failures"]
+    assert failure["prompt"] == "eight" and "refused" in failure["error"] and "digit" in failure["error"]
+    for output, guidance in (("Plain", "none"), ("Safe Denoiser", "safe_denoiser")):
+        by_prompt = table["arms"][output]["digit 7"]["by_category"]
+        assert by_prompt["prompt any"]["images"] == SAMPLES
+        assert by_prompt["prompt any"]["asr_images"] == pytest.approx(arms[("any", guidance)]["negated_rate"])
+    # The demo's prompt-7 Safe Denoiser arm runs stronger settings; its plain arm is the same images.
+    seven = table["arms"]["Plain"]["digit 7"]["by_category"]["prompt 7"]
+    assert seven["asr_images"] == pytest.approx(arms[("7", "none")]["negated_rate"])
+    assert (out / "report.html").read_text(encoding="utf-8").count('class="blur"') > 0
+    csv_lines = (out / "results.csv").read_text(encoding="utf-8").splitlines()
+    assert len(csv_lines) == 1 + 2 * 2 * SAMPLES + 1  # header, 2 rows x 2 outputs x SAMPLES images, the failure
+    again = run_evaluate(args, out)
+    assert "3 already done, 0 to run" in again.stdout
+    assert without_timing(json.loads((out / "report.json").read_text(encoding="utf-8"))) == without_timing(table)
+
+
+def test_evaluation_resumes_after_a_crash_and_on_a_ray_cluster(tmp_path: Path) -> None:
+    """A result line cut short by a crash is dropped and only the missing rows run again; a
+    2-actor Ray cluster (each actor its own ComfyUI) gives the same images' decisions."""
+    pytest.importorskip("ray", reason="pip install -r devtools/evaluate/requirements.txt")
+    prompts = write_rows(tmp_path / "rows.csv", [("7", 3), ("any", 4), ("7", 5), ("any", 6)])
+    args = ["--prompts", str(prompts), "--set", "4.batch_size=4"]
+    local = tmp_path / "local"
+    run_evaluate(args, local)
+    results = local / "results.jsonl"
+    lines = results.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(lines) == 4
+    results.write_text("".join(lines[:2]) + lines[2][: len(lines[2]) // 2], encoding="utf-8")  # torn third line
+    resumed = run_evaluate(args, local)
+    assert "2 already done, 2 to run" in resumed.stdout
+    local_report = json.loads((local / "report.json").read_text(encoding="utf-8"))
+    ray_out = tmp_path / "ray"
+    run_evaluate([*args, "--ray", "--workers", "2"], ray_out)
+    ray_report = json.loads((ray_out / "report.json").read_text(encoding="utf-8"))
+    assert ray_report["timing"]["workers"] == 2 and ray_report["timing"]["backend"] == "ray"
+    # Ray's actors run torch on one thread each (OMP_NUM_THREADS=1): sums in another order, so a
+    # pixel may differ by one grey level; every decision is the same, distances agree to 1e-5.
+    distances = [{arm: entry.pop("mean_distance_to_data") for arm, entry in r["arms"].items()}
+                 for r in (ray_report, local_report)]
+    assert without_timing(ray_report) == without_timing(local_report)
+    assert distances[0] == pytest.approx(distances[1], rel=1e-5)
+
+    def decisions(folder: Path) -> dict:
+        records = [json.loads(line) for line in (folder / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+        return {r["key"]: {arm: [(i["class"], i["unsafe"]) for i in images] for arm, images in r["arms"].items()}
+                for r in records}
+
+    assert decisions(ray_out) == decisions(local)

@@ -4,18 +4,15 @@ example-workflow thumbnails and the registry's metadata (icon, URLs)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import pytest
 from PIL import Image
 
-from harness.locate import REPO_ROOT as PACK_ROOT
+from harness.locate import REPO_ROOT as PACK_ROOT, pack_file
 
-spec = importlib.util.spec_from_file_location("sdn_node_docs", PACK_ROOT / "devtools" / "node_docs.py")
-node_docs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(node_docs)
+node_docs = pack_file("devtools/node_docs.py", "sdn_node_docs")
 
 REGEN = "python -m devtools.node_docs"
 

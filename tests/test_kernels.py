@@ -3,19 +3,14 @@ where a GPU is present: the ``device`` parameter)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "kernels" / "guidance.py"
-_spec = importlib.util.spec_from_file_location("sdn_kernels_guidance", _PATH)
-G = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = G
-_spec.loader.exec_module(G)
+from harness.locate import pack_file
+
+G = pack_file("kernels/guidance.py", "sdn_kernels_guidance")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

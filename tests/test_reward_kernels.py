@@ -3,27 +3,15 @@ the preset decisions, class filters, the reward formula and censoring confined t
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+from harness.locate import pack_file
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"sdn_kernels_{name}", _KERNELS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-R = _load("reward")
-C = _load("censor")
+R = pack_file("kernels/reward.py", "sdn_kernels_reward")
+C = pack_file("kernels/censor.py", "sdn_kernels_censor")
 
 EXPOSED = ("BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
            "ANUS_EXPOSED", "FEET_EXPOSED", "ARMPITS_EXPOSED", "BELLY_EXPOSED", "MALE_GENITALIA_EXPOSED")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from harness.locate import pack_file
 from test_safe_denoiser import tm
 
 FAST = dict(steps=8, learning_rate=3e-3, ema_decay=0.5, guidance=3.0, parameters="cross-attention", width=64,
@@ -176,13 +177,7 @@ def test_the_node_trains_inside_a_graph(comfy, current, tmp_path):
 # ------------------------------------------------------------------------------ kernels/sdd.py (pure torch)
 
 def _kernels():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sdn_kernels_sdd", Path(__file__).resolve().parents[1] / "kernels"
-                                                  / "sdd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return pack_file("kernels/sdd.py", "sdn_kernels_sdd")
 
 
 def test_ddim_schedule_and_training_timesteps():

@@ -6,9 +6,7 @@ Save Concept-Erased Weights -> Load Concept-Erased Model reproduces the weights 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +14,9 @@ import pytest
 import safetensors
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "kernels" / "uce.py"
-_spec = importlib.util.spec_from_file_location("sdn_kernels_uce", _PATH)
-U = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = U
-_spec.loader.exec_module(U)
+from harness.locate import pack_file
+
+U = pack_file("kernels/uce.py", "sdn_kernels_uce")
 
 #: Erase residuals without preserve concepts on the wide tiny pair (O and N alike, README):
 #: measured ~8e-4 per concept / 5e-3 per token with a ridge of 1e-7 (the tiny CLIP's tokens span

@@ -51,6 +51,21 @@ def pack_module(name: str) -> ModuleType:
     return importlib.import_module(f"{DEMO_PACKAGE}.{name}")
 
 
+def pack_file(relative_path: str, module_name: str) -> ModuleType:
+    """``REPO_ROOT/relative_path`` (a pack file that runs without ComfyUI: ``kernels/*.py``,
+    ``devtools/...``) imported once as ``module_name``, through ``devtools/pack_file.py``, the loader
+    the benchmarks use too."""
+    loader = sys.modules.get("sdn_pack_file")
+    if loader is None:
+        spec = importlib.util.spec_from_file_location("sdn_pack_file", REPO_ROOT / "devtools" / "pack_file.py")
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load devtools/pack_file.py from {REPO_ROOT}")
+        loader = importlib.util.module_from_spec(spec)
+        sys.modules["sdn_pack_file"] = loader
+        spec.loader.exec_module(loader)
+    return loader.load_pack_file(relative_path, module_name)
+
+
 _locate = pack_module("comfy_locate")
 ENV_VAR: str = _locate.ENV_VAR
 ComfyVersion = _locate.ComfyVersion

@@ -1,5 +1,5 @@
-"""One module of the pack loaded by file path, for the benchmark scripts (``python benchmarks/x.py``
-puts this folder on ``sys.path``).
+"""One module of the pack loaded by file path: the one way benchmarks and development tools import
+pack modules that must run without ComfyUI.
 
 The modules benchmarked (``kernels/guidance.py``, ``nodes/nudenet_detector.py``) run without
 ComfyUI, but importing them through their packages would run the pack's ``__init__.py`` files,

