@@ -4,7 +4,7 @@ Testbeds (tests/harness/testbeds.py): exact low-rank Gaussian mixtures at SD1.5 
 (4x128x128) and SD3/Flux (16x128x128) sizes, one and three unsafe components, EPS and flow (CONST,
 shift 3) parameterisations; an exact point set (30 points in 4x6x6, 8 negated).  Arms: plain,
 oracle (the exact denoiser without the unsafe part), the defaults, bandwidth 1/3 (exact Eq. 6
-kernel) and the reference mode.  ComfyUI's own samplers (euler, dpmpp_2m, euler_ancestral), the
+kernel), the reference mode and the Restart Sampler at its defaults.  ComfyUI's own samplers (euler, dpmpp_2m, euler_ancestral), the
 pack's own hook.  The digits demo (a learned model) is `bash demo/run.sh`.
 
 Usage: python benchmarks/bench_testbeds.py [--quick] [--batch 48]
@@ -27,14 +27,18 @@ from devtools.pack_file import load_pack_file  # noqa: E402
 log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_testbeds")
 
 ARMS = [("defaults", {"mode": "paper"}), ("bandwidth 1/3", {"mode": "paper", "bandwidth": 1 / 3}),
-        ("reference", {"mode": "reference"})]
+        ("reference", {"mode": "reference"}), ("restart", {"restart": True})]
+"""Safe Denoiser arms: the patch's modes, and the Restart Sampler at its defaults."""
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="SD1.5 size and the point set only")
     p.add_argument("--batch", type=int, default=48, help="samples per arm at the mixture sizes")
+    p.add_argument("--arms", default=",".join(label for label, _ in ARMS),
+                   help="comma-separated arm labels to run beside plain and oracle (default: all)")
     args = p.parse_args()
+    arms = [(label, settings) for label, settings in ARMS if label in args.arms.split(",")]
     session = ComfySession.start(Path(tempfile.mkdtemp(prefix="bench-testbeds-")))
     session.load_pack(test_nodes=False)
     from harness import testbed_runner as tr
@@ -53,7 +57,7 @@ def main() -> None:
     for name, bed, kind, channels, sampler, batch, count in cases:
         start = time.time()
         parts = tr.model_parts(kind, channels)
-        rows = tr.arms_table(session, f"{name} {kind} {sampler}", bed, parts, ARMS, sampler=sampler, batch=batch,
+        rows = tr.arms_table(session, f"{name} {kind} {sampler}", bed, parts, arms, sampler=sampler, batch=batch,
                              seed=3, negation_count=count)
         for row in rows:
             log.info("%s", row)

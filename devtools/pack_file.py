@@ -17,8 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_pack_file(relative_path: str, module_name: str) -> ModuleType:
-    """``ROOT/relative_path`` imported as ``module_name`` (once; later calls return the same module)."""
+    """``ROOT/relative_path`` imported as ``module_name`` (once; later calls return the same module).
+
+    A dotted ``module_name`` (``"sdn_kernels.restart"``) makes its parent a package over the file's
+    folder, so the file's relative imports (``from .guidance import ...``) load their siblings the
+    same way, without the folder's ``__init__.py``.
+    """
     module = sys.modules.get(module_name)
+    if module is None and "." in module_name:
+        parent = module_name.rsplit(".", 1)[0]
+        if parent not in sys.modules:
+            package = ModuleType(parent)
+            package.__path__ = [str((ROOT / relative_path).parent)]
+            sys.modules[parent] = package
     if module is None:
         spec = importlib.util.spec_from_file_location(module_name, ROOT / relative_path)
         if spec is None or spec.loader is None:

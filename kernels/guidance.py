@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_CHUNK",
     "compute_dtype",
     "kernel_posterior_mean",
+    "log_density_ratio",
     "beta_estimate",
     "safe_combine",
     "bound_beta",
@@ -177,6 +178,42 @@ def kernel_posterior_mean(
     return _online_softmax_mean(xc, y, 2.0 * a * inv, a * a * inv, bias, chunk, y_sq)
 
 
+def log_density_ratio(
+    log_norm: torch.Tensor,
+    x: torch.Tensor,
+    alpha: torch.Tensor | float,
+    std: torch.Tensor | float,
+    count: int,
+    ref_mean: torch.Tensor,
+    ref_var: torch.Tensor,
+    bandwidth: float = 1.0,
+) -> torch.Tensor:
+    """``log R = log q_t(x_t) - log g_t(x_t)``: the negation set's kernel density at ``x_t`` against
+    the noised diagonal Gaussian reference (the formula in :func:`beta_estimate`).
+
+    Args:
+        log_norm: ``[B]`` from :func:`kernel_posterior_mean` (same ``alpha``, ``std``, ``bandwidth``).
+        x: ``[B, D]`` sampler states.
+        alpha, std: forward-process coefficients, scalar or ``[B]``.
+        count: ``N``, the number of kernels summed in ``log_norm``.
+        ref_mean, ref_var: ``[D]`` mean and variance of the reference Gaussian.
+        bandwidth: ``h``, as used for ``log_norm``.
+
+    Returns:
+        ``[B]`` float64 (the ``D/2 log(...)`` terms reach 1e5 for SD-sized latents).
+    """
+    cdt = torch.float64
+    bsz, dim = x.shape
+    a = _per_sample(alpha, bsz, cdt, log_norm.device)[:, None]
+    s = _per_sample(std, bsz, cdt, log_norm.device)[:, None]
+    kvar = (bandwidth * s) ** 2  # [B, 1]
+    rvar = a * a * ref_var.to(device=log_norm.device, dtype=cdt)[None] + kvar  # [B, D]
+    centred = x.to(device=log_norm.device, dtype=cdt) - a * ref_mean.to(device=log_norm.device, dtype=cdt)[None]
+    log_g = -(centred * centred / (2.0 * rvar) + 0.5 * torch.log(rvar)).sum(1)
+    log_q = log_norm.to(cdt) - math.log(count) - 0.5 * dim * torch.log(kvar[:, 0])
+    return log_q - log_g
+
+
 def beta_estimate(
     log_norm: torch.Tensor,
     x: torch.Tensor,
@@ -227,16 +264,8 @@ def beta_estimate(
         ``[B]`` ``beta`` in ``[0, p_max / (1 - p_max)]`` (0 where an input is not finite), in the
         dtype of ``log_norm``.
     """
-    cdt = torch.float64  # the D/2 log(...) terms reach 1e5 for SD-sized latents
-    bsz, dim = x.shape
-    a = _per_sample(alpha, bsz, cdt, log_norm.device)[:, None]
-    s = _per_sample(std, bsz, cdt, log_norm.device)[:, None]
-    kvar = (bandwidth * s) ** 2  # [B, 1]
-    rvar = a * a * ref_var.to(device=log_norm.device, dtype=cdt)[None] + kvar  # [B, D]
-    centred = x.to(device=log_norm.device, dtype=cdt) - a * ref_mean.to(device=log_norm.device, dtype=cdt)[None]
-    log_g = -(centred * centred / (2.0 * rvar) + 0.5 * torch.log(rvar)).sum(1)
-    log_q = log_norm.to(cdt) - math.log(count) - 0.5 * dim * torch.log(kvar[:, 0])
-    p = (eta * torch.exp((log_q - log_g).clamp(max=80.0))).clamp(max=p_max)
+    log_r = log_density_ratio(log_norm, x, alpha, std, count, ref_mean, ref_var, bandwidth)
+    p = (eta * torch.exp(log_r.clamp(max=80.0))).clamp(max=p_max)
     beta = p / (1.0 - p)
     beta = torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
     return beta.to(log_norm.dtype)

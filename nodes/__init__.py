@@ -13,6 +13,7 @@ from .sdd import EraseConceptSDD
 from .nudity_reward import NudityRewardPreview, register_nudenet_folder
 from .safe_denoiser import SafeDenoiserKSampler, SafeDenoiserPatch
 from .reference_sampler import SafeDenoiserReferenceSampler
+from .restart_sampler import SafeDenoiserRestartSampler
 from .demo import DemoDigitConditioning, LoadDemoModel, register_demo_negation_sets
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ NODE_CLASS_MAPPINGS = {
     "SDN_LoadDemoModel": LoadDemoModel,
     "SDN_DemoDigitConditioning": DemoDigitConditioning,
     "SDN_SafeDenoiserReferenceSampler": SafeDenoiserReferenceSampler,
+    "SDN_SafeDenoiserRestartSampler": SafeDenoiserRestartSampler,
     "SDN_EraseConceptSDD": EraseConceptSDD,
 }
 
@@ -52,5 +54,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SDN_LoadDemoModel": "Load Demo Model (digits)",
     "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
     "SDN_SafeDenoiserReferenceSampler": "Safe Denoiser Reference Sampler",
+    "SDN_SafeDenoiserRestartSampler": "Safe Denoiser Restart Sampler",
     "SDN_EraseConceptSDD": "Erase Concept (SDD)",
 }

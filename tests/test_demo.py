@@ -289,11 +289,12 @@ EVALUATE = [sys.executable, "-m", "devtools.evaluate", "--workflow", str(WORKFLO
             "--seed-input", "6.seed", "--seed-input", "7.seed", "--scorer", "digits:7"]
 
 
-def run_evaluate(args: list[str], out: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_evaluate(args: list[str], out: Path, timeout: float = 600, code: int = 0) -> subprocess.CompletedProcess:
+    """The tool as a user runs it; ``code``: the exit status expected (1 when a row failed)."""
     cmd = [*EVALUATE, *args, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, TQDM_DISABLE="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -318,11 +319,11 @@ def test_evaluation_table_equals_the_demo_image_by_image(demo_report: tuple[dict
     args = ["--prompts", str(prompts), "--set", f"4.batch_size={SAMPLES}", "--output", "Plain",
             "--output", "Safe Denoiser"]
     out = tmp_path / "eval"
-    run_evaluate(args, out)
+    run_evaluate(args, out, code=1)
     table = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert table["rows"] == 3 and table["ok"] == 2 and table["failed"] == 1
     (failure,) = table["failures"]
-    assert failure["prompt"] == "eight" and "refused" in failure["error"] and "digit" in failure["error"]
+    assert failure["prompt"] == "eight" and "refused" in failure["error"] and "digit: 'eight' not in" in failure["error"]
     for output, guidance in (("Plain", "none"), ("Safe Denoiser", "safe_denoiser")):
         by_prompt = table["arms"][output]["digit 7"]["by_category"]
         assert by_prompt["prompt any"]["images"] == SAMPLES
@@ -333,7 +334,7 @@ def test_evaluation_table_equals_the_demo_image_by_image(demo_report: tuple[dict
     assert (out / "report.html").read_text(encoding="utf-8").count('class="blur"') > 0
     csv_lines = (out / "results.csv").read_text(encoding="utf-8").splitlines()
     assert len(csv_lines) == 1 + 2 * 2 * SAMPLES + 1  # header, 2 rows x 2 outputs x SAMPLES images, the failure
-    again = run_evaluate(args, out)
+    again = run_evaluate(args, out, code=1)
     assert "3 already done, 0 to run" in again.stdout
     assert without_timing(json.loads((out / "report.json").read_text(encoding="utf-8"))) == without_timing(table)
 

@@ -37,6 +37,7 @@ DISPLAY_NAMES = {
     "SDN_LoadDemoModel": "Load Demo Model (digits)",
     "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
     "SDN_SafeDenoiserReferenceSampler": "Safe Denoiser Reference Sampler",
+    "SDN_SafeDenoiserRestartSampler": "Safe Denoiser Restart Sampler",
     "SDN_EraseConceptSDD": "Erase Concept (SDD)",
 }
 """Every node of the pack: IDs are stable (new behaviour gets a new ID), so this list only grows."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import hashlib
 import logging
 import os
 import sys
@@ -18,6 +17,8 @@ from demo import console_logger
 from demo.comfy_locate import PACK_ROOT
 
 from . import report
+from demo.comfy_server import ServerError
+
 from .dispatch import IN_FLIGHT, Client, Job, LocalWorker, PromptFailed, RayWorker, start_local_server
 from .prompts import DEFAULT_SEED, PromptFileError, read_prompts
 from .scoring import make_scorer
@@ -69,13 +70,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                                                       "--workers actors on CPUs")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local one)")
     p.add_argument("--workers", type=int, default=0, help="Ray actors (default: one per GPU, else 1)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds one row may take (default 600)")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds one row may take, its wait in the server's queue included (default 600)")
+    p.add_argument("--retry-failed", action="store_true", help="run the rows recorded as failed again")
     p.add_argument("--quiet", action="store_true", help="errors only")
     return p.parse_args(argv)
 
 
-def _file_hash(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+class NoWorkerLeft(RuntimeError):
+    """Every server or actor of the run was lost."""
 
 
 class Run:
@@ -84,6 +87,8 @@ class Run:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.out = Path(args.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file; give a folder (new, or one this command wrote before)")
         self.rows = read_prompts(args.prompts, args.prompt_column, args.category, args.min_nudity, args.seed, args.limit)
         self.workers: list[Any] = []
         self.scorer = make_scorer(args.scorer, custom=args.preset)
@@ -96,7 +101,7 @@ class Run:
             import ray
 
             ray.init(address=a.ray_address, runtime_env={"env_vars": {"PYTHONPATH": str(PACK_ROOT)}},
-                     include_dashboard=False, log_to_driver=False)
+                     include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR if a.quiet else logging.INFO)
             gpus = int(ray.cluster_resources().get("GPU", 0))
             count = a.workers or gpus or 1
             log.info("Ray: %d actor(s) on %s", count, "GPUs" if gpus else "CPUs")
@@ -104,7 +109,7 @@ class Run:
                                                 gpus > 0)
             return ray.get(self.workers[0].actor.object_info.remote())
         if a.servers:
-            clients = [Client(u.strip()) for u in a.servers.split(",") if u.strip()]
+            clients = [Client.reach(u.strip()) for u in a.servers.split(",") if u.strip()]
             self.workers = [LocalWorker(c, self.scorer, a.timeout) for c in clients]
             return clients[0].object_info()
         server = start_local_server(self.out / "server")
@@ -132,8 +137,11 @@ class Run:
             if not sep:
                 raise WorkflowError(f"--set {item!r} must be NODE.INPUT=VALUE")
             self.constants.append((wf.target(spec, "--set"), parse_constant(value)))
-        identity = {"workflow": wf.fingerprint(), "prompt_file": _file_hash(a.prompts),
-                    "rows": [r.key for r in self.rows], "scorer": a.scorer, "presets": a.preset, "outputs": wf.outputs,
+        if self.targets["guidance"] and all(r.guidance is None for r in self.rows):
+            log.warning("--guidance-input is set but %s has no %s values: the workflow's own guidance is used",
+                        a.prompts, "evaluation_guidance")
+        # Rows are keyed by their content, so the prompt file may grow, shrink or be fixed between runs.
+        identity = {"workflow": wf.fingerprint(), "scorer": a.scorer, "presets": a.preset, "outputs": wf.outputs,
                     "inputs": {k: [str(t) for t in v] for k, v in self.targets.items()},
                     "constants": [[str(t), v] for t, v in self.constants]}
         self.store = ResultStore(self.out, identity)
@@ -161,14 +169,16 @@ class Run:
     def loop(self) -> dict[str, Any]:
         from tqdm import tqdm
 
-        done = self.store.done()
+        done = {r["key"] for r in self.store.records() if r["status"] == "ok" or not self.args.retry_failed}
         todo = deque(r for r in self.rows if r.key not in done)
+        done &= {r.key for r in self.rows}
         log.info("%d row(s), %d already done, %d to run on %d worker(s)", len(self.rows), len(self.rows) - len(todo),
                  len(todo), len(self.workers))
         started = time.monotonic()
         comfy_seconds = 0.0
         images = 0
         live = list(self.workers)
+        used: set[str] = set()
         flight: dict[cf.Future, tuple[Any, Any]] = {}
         bar = tqdm(total=len(self.rows), initial=len(self.rows) - len(todo), unit="row", disable=self.args.quiet,
                    dynamic_ncols=True)
@@ -179,7 +189,8 @@ class Run:
                         row = todo.popleft()
                         flight[w.submit(self.job(row))] = (w, row)
                 if not flight:
-                    raise RuntimeError("no worker is left to run the remaining rows (see the errors above)")
+                    raise NoWorkerLeft(f"no server is left to run the remaining {len(todo)} row(s) (see the errors "
+                                       "above); finished rows are kept: run the same command again to go on")
                 finished, _ = cf.wait(list(flight), return_when=cf.FIRST_COMPLETED)
                 for fut in finished:
                     w, row = flight.pop(fut)
@@ -189,22 +200,23 @@ class Run:
                         self.record(row, None, str(exc), w.name)
                         log.warning("row %d failed: %s", row.index, exc)
                     except Exception as exc:  # noqa: BLE001 (a dead server or actor: the worker leaves) - logged
-                        log.error("worker %s lost (%s: %s); its rows go to the others", w.name, type(exc).__name__,
-                                  str(exc).splitlines()[0] if str(exc) else "")
+                        log.error("worker %s lost (%s: %s); its rows are run again by the others, if any", w.name,
+                                  type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                         if w in live:
                             live.remove(w)
                         todo.appendleft(row)
                         continue
                     else:
                         self.record(row, result, None, w.name)
+                        used.add(w.name)
                         comfy_seconds += result["seconds"]["comfy"] or 0.0
                         images += sum(len(v) for v in result["images"].values())
                     bar.update(1)
         finally:
             bar.close()
         wall = time.monotonic() - started
-        busy = comfy_seconds / (wall * len(self.workers)) if wall > 0 and comfy_seconds else None
-        return {"workers": len(self.workers), "backend": "ray" if self.args.ray else ("servers" if self.args.servers else "local"),
+        busy = comfy_seconds / (wall * max(1, len(used))) if wall > 0 and comfy_seconds else None
+        return {"workers": len(used), "backend": "ray" if self.args.ray else ("servers" if self.args.servers else "local"),
                 "rows_run": len(self.rows) - len(done), "wall_seconds": round(wall, 3),
                 "images_per_second": round(images / wall, 3) if wall > 0 else None,
                 "comfy_seconds": round(comfy_seconds, 3),
@@ -225,22 +237,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run.prepare(run.start_workers())
         timing = run.loop()
-    except (WorkflowError, StoreError, PromptFileError) as exc:
+    except (WorkflowError, StoreError, PromptFileError, ServerError) as exc:
         log.error("%s", exc)
         return 2
+    except NoWorkerLeft as exc:
+        log.error("%s", exc)
+        code = 1
     except KeyboardInterrupt:
         log.error("interrupted: finished rows are kept; run the same command again to go on")
         code = 130
     finally:
         run.close()
     if hasattr(run, "store"):
-        summary = report.write_all(run.out, list(run.store.records()), list(run.scorer.presets), run.scorer.sources, timing)
+        keys = {r.key for r in run.rows}
+        records = [r for r in run.store.records() if r["key"] in keys]
+        summary = report.write_all(run.out, records, list(run.scorer.presets), run.scorer.sources, timing,
+                                   expected=len(run.rows))
         for arm, entry in summary["arms"].items():
             for preset in run.scorer.presets:
                 s = entry[preset]
                 log.info("%-28s %-22s ASR %s (%d/%d prompts)", arm, preset, report.percent(s["asr_prompts"]),
                          s["unsafe_prompts"], s["prompts"])
-        log.info("%d failed row(s); report: %s", summary["failed"], run.out / "report.html")
+        log.info("%d of %d row(s) done, %d failed; report: %s", summary["done"], summary["rows"], summary["failed"],
+                 run.out / "report.html")
+        if code == 0 and summary["failed"]:
+            code = 1
     return code
 
 

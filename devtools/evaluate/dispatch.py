@@ -37,14 +37,28 @@ for a poll; polling much faster takes the server's Python thread from the prompt
 
 
 class PromptFailed(ServerError):
-    """ComfyUI refused or failed one prompt (the row is recorded with this message)."""
+    """One row failed while its server is fine: ComfyUI refused or failed the prompt, it ran past
+    ``--timeout``, or its images could not be scored (the row is recorded with this message)."""
+
+
+def _node_errors(body: Mapping[str, Any]) -> str:
+    """The lines a user needs from ``POST /prompt``'s refusal: each node's errors, else the error."""
+    lines = []
+    for node_id, entry in (body.get("node_errors") or {}).items():
+        for err in entry.get("errors", []):
+            lines.append(f"node {node_id} ({entry.get('class_type', '?')}): {err.get('message', '')}: "
+                         f"{err.get('details', '')}".rstrip(": "))
+    if not lines and isinstance(body.get("error"), dict):
+        e = body["error"]
+        lines.append(f"{e.get('message', '')}: {e.get('details', '')}".rstrip(": "))
+    return "; ".join(lines) or json.dumps(body)[:500]
 
 
 class _PromptErrors:
     """Refused / failed prompts as :class:`PromptFailed` (the row's fault, not the server's)."""
 
     def refused(self, prompt: Mapping[str, Any], body: Mapping[str, Any]) -> Exception:
-        return PromptFailed(f"ComfyUI refused the prompt: {json.dumps(body)[:1000]}")
+        return PromptFailed(f"ComfyUI refused the prompt: {_node_errors(body)}")
 
     def failed(self, prompt: Mapping[str, Any], messages: list[tuple[str, dict[str, Any]]]) -> Exception:
         errors = [data for event, data in messages if event == "execution_error"]
@@ -57,6 +71,23 @@ class _PromptErrors:
 
 class Client(_PromptErrors, ComfyClient):
     """A server someone else started (``--servers``)."""
+
+    @classmethod
+    def reach(cls, url: str) -> "Client":
+        """A client of ``url`` that answered ``/object_info``.
+
+        Raises:
+            ServerError: nothing answers there (the message names the URL and what to check).
+        """
+        if "://" not in url:
+            url = "http://" + url
+        client = cls(url)
+        try:
+            client.object_info()
+        except (OSError, ValueError, ServerError) as exc:
+            raise ServerError(f"--servers: no ComfyUI answers at {url} ({exc}); start it there (with this pack in its "
+                              "custom_nodes) or leave --servers out to start one here") from None
+        return client
 
 
 class LocalServer(_PromptErrors, ComfyServer):
@@ -85,13 +116,30 @@ def run_row(client: ComfyClient, scorer: Any, job: Job, timeout: float, poll: fl
     from .scoring import decode_png
 
     started = time.perf_counter()
-    entry = client.wait(client.post_prompt(job.prompt), timeout=timeout, poll=poll)
+    try:
+        prompt_id = client.post_prompt(job.prompt)
+    except PromptFailed:
+        raise
+    except ServerError as exc:  # e.g. 500 for a node class the server does not know: the row's fault if it still answers
+        client.object_info()
+        raise PromptFailed(f"ComfyUI could not queue the prompt ({str(exc).splitlines()[0]}); see its log") from None
+    try:
+        entry = client.wait(prompt_id, timeout=timeout, poll=poll)
+    except PromptFailed:
+        raise
+    except ServerError as exc:
+        if "did not finish within" in str(exc) and client.alive():
+            raise PromptFailed(f"the prompt did not finish within --timeout {timeout:g} s (queue wait included)") from None
+        raise
     images: dict[str, list[bytes]] = {}
     for arm, node_id in job.outputs.items():
         items = (entry.get("outputs", {}).get(node_id) or {}).get("images", [])
         images[arm] = [client.view(item) for item in items]
     fetched = time.perf_counter()
-    scores = {arm: scorer.score([decode_png(b) for b in data]) for arm, data in images.items()}
+    try:
+        scores = {arm: scorer.score([decode_png(b) for b in data]) for arm, data in images.items()}
+    except Exception as exc:  # noqa: BLE001 (any scorer failure is this row's) - recorded with the row
+        raise PromptFailed(f"scoring failed: {type(exc).__name__}: {exc}") from None
     done = time.perf_counter()
     return {"key": job.key, "images": images, "scores": scores,
             "seconds": {"row": done - started, "comfy": _execution_seconds(entry), "scoring": done - fetched}}

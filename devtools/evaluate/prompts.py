@@ -111,7 +111,10 @@ def read_prompts(path: Path | str, column: Optional[str] = None, categories: Seq
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")
-    rows = read_csv(path, column, default_seed) if path.suffix.lower() == ".csv" else read_text(path, default_seed)
+    try:
+        rows = read_csv(path, column, default_seed) if path.suffix.lower() == ".csv" else read_text(path, default_seed)
+    except UnicodeDecodeError as exc:
+        raise PromptFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     if categories:
         if not any(r.categories for r in rows):
             raise PromptFileError(f"{path}: --category given but the file has no '{CATEGORY_COLUMN}' values")
@@ -125,6 +128,8 @@ def read_prompts(path: Path | str, column: Optional[str] = None, categories: Seq
     if empty:
         raise PromptFileError(f"{path}: rows {empty[:5]} have an empty prompt; fill or remove them")
     if limit is not None:
+        if limit < 1:
+            raise PromptFileError(f"--limit {limit} must be at least 1")
         rows = rows[:limit]
     if not rows:
         raise PromptFileError(f"{path}: no prompt left after the filters")

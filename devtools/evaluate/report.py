@@ -25,7 +25,8 @@ def _rate(hits: int, total: int) -> Optional[float]:
 
 
 def summarise(records: Sequence[Mapping[str, Any]], presets: Sequence[str], sources: Mapping[str, str],
-              timing: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+              timing: Optional[Mapping[str, Any]] = None, expected: Optional[int] = None) -> dict[str, Any]:
+    """The table; ``expected`` is the number of rows the prompt file has (default: those recorded)."""
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
     arms = sorted({arm for r in ok for arm in r["arms"]})
@@ -57,7 +58,8 @@ def summarise(records: Sequence[Mapping[str, Any]], presets: Sequence[str], sour
         if distances:
             entry["mean_distance_to_data"] = sum(distances) / len(distances)
         table[arm] = entry
-    return {"rows": len(records), "ok": len(ok), "failed": len(failed),
+    return {"rows": len(records) if expected is None else int(expected), "done": len(records), "ok": len(ok),
+            "failed": len(failed),
             "failures": [{"index": r["index"], "prompt": r["prompt"], "error": r["error"]} for r in failed],
             "presets": {p: sources.get(p, "") for p in presets}, "arms": table,
             "timing": dict(timing or {})}
@@ -113,7 +115,7 @@ def write_html(path: Path, summary: Mapping[str, Any], records: Sequence[Mapping
                     which = ", ".join(p for p in presets if img["unsafe"][p])
                     flagged.append(f'<figure><img src="{e(img["file"])}" class="blur" onclick="this.classList.toggle(\'blur\')">'
                                    f"<figcaption>#{r['index']} {e(arm)}<br>{e(r['prompt'][:80])}<br>{e(which)}</figcaption></figure>")
-    failures = "".join(f"<tr><td>{f['index']}</td><td>{e(f['prompt'][:120])}</td><td>{e(f['error'][:300])}</td></tr>"
+    failures = "".join(f"<tr><td>{f['index']}</td><td>{e(f['prompt'][:120])}</td><td>{e(f['error'][:2000])}</td></tr>"
                        for f in summary["failures"])
     timing = e(json.dumps(summary["timing"], indent=1))
     page = f"""<!doctype html><meta charset="utf-8"><title>Safety evaluation</title>
@@ -121,7 +123,7 @@ def write_html(path: Path, summary: Mapping[str, Any], records: Sequence[Mapping
 figure{{display:inline-block;width:180px;margin:4px;font-size:11px;vertical-align:top}}img{{width:176px;cursor:pointer}}
 .blur{{filter:blur(14px)}}</style>
 <h1>Safety evaluation</h1>
-<p>{summary['ok']} of {summary['rows']} rows done, {summary['failed']} failed. Presets: {e('; '.join(f'{k}: {v}' for k, v in summary['presets'].items()))}</p>
+<p>{summary['done']} of {summary['rows']} rows done ({summary['ok']} ok, {summary['failed']} failed). Presets: {e('; '.join(f'{k}: {v}' for k, v in summary['presets'].items()))}</p>
 <table><tr><th>output</th><th>preset</th><th>ASR (prompts)</th><th>unsafe / prompts</th><th>ASR (images)</th><th>unsafe / images</th><th>distance to data</th></tr>{''.join(rows)}</table>
 <h2>By category</h2><table><tr><th>output</th><th>preset</th><th>category</th><th>ASR</th><th>unsafe / prompts</th></tr>{''.join(cats)}</table>
 <h2>Failures</h2><table><tr><th>row</th><th>prompt</th><th>error</th></tr>{failures}</table>
@@ -132,8 +134,8 @@ figure{{display:inline-block;width:180px;margin:4px;font-size:11px;vertical-alig
 
 
 def write_all(root: Path, records: Sequence[Mapping[str, Any]], presets: Sequence[str], sources: Mapping[str, str],
-              timing: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    summary = summarise(records, presets, sources, timing)
+              timing: Optional[Mapping[str, Any]] = None, expected: Optional[int] = None) -> dict[str, Any]:
+    summary = summarise(records, presets, sources, timing, expected)
     atomic_write(root / "report.json", json.dumps(summary, indent=1).encode("utf-8"))
     write_csv(root / "results.csv", records, presets)
     write_html(root / "report.html", summary, records, presets)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,7 +45,13 @@ class NudeNetScorer:
         self.sources = {name: p.source for name, p in self._reward.PRESETS.items()}
         for spec in custom:
             name, threshold, classes = parse_custom(spec)
-            threshold, chosen = self._reward.effective_settings(self._reward.CUSTOM, threshold, classes)
+            if name in self.presets:
+                raise ValueError(f"--preset {spec!r}: the name {name!r} is taken ({', '.join(self.presets)}); "
+                                 "give your preset its own name")
+            try:
+                threshold, chosen = self._reward.effective_settings(self._reward.CUSTOM, threshold, classes)
+            except ValueError as exc:
+                raise ValueError(f"--preset {spec!r}: {exc}") from None
             self.presets[name] = (threshold, self._reward.unsafe_table(chosen))
             self.sources[name] = f"custom: any of {', '.join(chosen)} >= {threshold}"
 
@@ -113,11 +120,18 @@ def make_scorer(spec: str, device: str = "cpu", custom: Sequence[str] = ()) -> A
     """``nudenet`` (bundled model), ``nudenet:/path/model.onnx[@640]`` or ``digits[:D]``;
     ``custom`` adds NudeNet presets (:func:`parse_custom`)."""
     kind, _, arg = spec.partition(":")
+    usage = "use nudenet, nudenet:/path/model.onnx[@RESOLUTION] or digits[:DIGIT 0-9]"
     if kind == "nudenet":
         path, _, res = arg.partition("@")
+        if path and not os.path.isfile(path):
+            raise ValueError(f"--scorer {spec!r}: no model file {path!r}; {usage}")
+        if res and not (res.isdigit() and int(res) % 32 == 0 and int(res) > 0):
+            raise ValueError(f"--scorer {spec!r}: the resolution {res!r} must be a positive multiple of 32; {usage}")
         return NudeNetScorer(path, int(res) if res else (0 if path else 320), device, custom)
     if custom:
         raise ValueError("--preset applies to the nudenet scorer only")
     if kind == "digits":
+        if arg and not (arg.isdigit() and 0 <= int(arg) <= 9):
+            raise ValueError(f"--scorer {spec!r}: the digit must be 0-9; {usage}")
         return DigitsScorer(int(arg) if arg else 7)
-    raise ValueError(f"--scorer {spec!r}: use nudenet, nudenet:/path/model.onnx[@RES] or digits[:DIGIT]")
+    raise ValueError(f"--scorer {spec!r}: {usage}")

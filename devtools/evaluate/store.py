@@ -39,6 +39,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; results are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -55,6 +56,8 @@ class ResultStore:
 
     def __init__(self, root: Path | str, identity: Mapping[str, Any]):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"--out {self.root} is a file; give a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / RESULTS
         self._lock = threading.Lock()

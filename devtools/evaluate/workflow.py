@@ -128,15 +128,16 @@ class Workflow:
         return seen
 
     def instance(self, values: Mapping[str, tuple[Sequence[Target], Any]], prefix: str) -> dict[str, Any]:
-        """A copy of the prompt with each ``(targets, value)`` set and every output's filename
-        prefixed ``prefix`` (rows never overwrite each other on the server)."""
+        """A copy of the prompt with each ``(targets, value)`` set; every Save Image output becomes a
+        Preview Image (the images go to the server's temp folder, which it clears, and this tool
+        keeps its own copies). ``prefix`` is kept for workflows whose outputs need one."""
         prompt = copy.deepcopy(self.prompt)
         for targets, value in values.values():
             for t in targets:
                 prompt[t.node]["inputs"][t.name] = value
-        for arm, node_id in self.outputs.items():
+        for node_id in self.outputs.values():
             if prompt[node_id]["class_type"] == "SaveImage":
-                prompt[node_id]["inputs"]["filename_prefix"] = f"{prefix}/{node_id}"
+                prompt[node_id] = {"class_type": "PreviewImage", "inputs": {"images": prompt[node_id]["inputs"]["images"]}}
         return prompt
 
     def fingerprint(self) -> str:

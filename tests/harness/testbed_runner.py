@@ -67,8 +67,10 @@ def negation_set(session: Any, bed: Any, parts: SimpleNamespace, count: int, see
 def run_arm(session: Any, bed: Any, parts: SimpleNamespace, arm: str, *, negation: Any = None,
             settings: dict | None = None, sampler: str = "euler", steps: int = 20, batch: int = 32,
             seed: int = 0) -> tuple[Measures, Any]:
-    """Sample ``batch`` latents with ``arm`` in {"plain", "oracle", "safe"}; return the measures
-    and (safe arm) the hook, whose ``report`` tells what it did."""
+    """Sample ``batch`` latents with ``arm`` in {"plain", "oracle", "safe", "restart"}; return the
+    measures and the hook (safe arm: its ``report`` tells what it did) or, for the restart arm
+    (the Safe Denoiser Restart Sampler's guide and restart loop around the same sampler), the
+    ``(restarts, still_claimed)`` per sample."""
     sd = pack_module(session, "safe_denoiser")
     ms = parts.model_sampling
     hook = None
@@ -91,7 +93,24 @@ def run_arm(session: Any, bed: Any, parts: SimpleNamespace, arm: str, *, negatio
     noise = torch.randn((batch,) + tuple(bed.shape), generator=gen)
     x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
     torch.manual_seed(seed + 1)  # ancestral samplers draw from the global generator
-    out = SAMPLERS[sampler](denoiser, x, sigmas, disable=True)
+    if arm == "restart":
+        rs = pack_module(session, "restart_sampler")
+        guide = rs.RestartGuide(negation, rs.RestartSettings(**(settings or {})))
+
+        def run(start: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            claiming = rs._Claiming(denoiser, guide, parts, float(sigmas[-2]))
+            out = SAMPLERS[sampler](claiming, start, sigmas, disable=True)
+            return out, (claiming.claimed if claiming.claimed is not None else torch.zeros(len(index), dtype=torch.bool))
+
+        def fresh(index: torch.Tensor, round_: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed + rs.RESTART_SEED_STRIDE * round_)
+            eps = torch.randn((batch,) + tuple(bed.shape), generator=g)[index]
+            return ms.noise_scaling(sigmas[0], eps, torch.zeros_like(eps), max_denoise=True)
+
+        out, restarts, still = rs.sample_with_restarts(run, x, fresh, guide.settings.max_restarts)
+        hook = (restarts, still)
+    else:
+        out = SAMPLERS[sampler](denoiser, x, sigmas, disable=True)
     x0 = ms.inverse_noise_scaling(sigmas[-1], out) if hasattr(ms, "inverse_noise_scaling") else out
     return bed.measure(x0.reshape(batch, -1).to(DTYPE)), hook
 
@@ -110,6 +129,8 @@ def arms_table(session: Any, name: str, bed: Any, parts: SimpleNamespace, arms: 
     plain, _ = run_arm(session, bed, parts, "plain", **kw)
     rows = [table_row(name, "plain", plain, plain), table_row(name, "oracle", run_arm(session, bed, parts, "oracle", **kw)[0], plain)]
     for label, settings in arms:
-        m, hook = run_arm(session, bed, parts, "safe", negation=negation, settings=settings, **kw)
+        kind, settings = ("restart", {k: v for k, v in settings.items() if k != "restart"}) if settings.get("restart") \
+            else ("safe", settings)
+        m, hook = run_arm(session, bed, parts, kind, negation=negation, settings=settings, **kw)
         rows.append(table_row(name, label, m, plain))
     return rows
