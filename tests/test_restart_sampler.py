@@ -139,3 +139,26 @@ def test_node_refuses_bad_inputs(comfy) -> None:
     specs = {**info["input"]["required"], **info["input"].get("optional", {})}
     assert all(spec[1].get("tooltip") for name, spec in specs.items())
     assert math.isclose(specs["recall"][1]["default"], 0.95) and specs["max_restarts"][1]["default"] == 4
+
+
+def test_example_workflow_runs(comfy) -> None:
+    """example_workflows/restart_sampler_digits.json (UI format, converted as the frontend does):
+    the plain and the Restart Sampler branches share the seed, so the images the sampler did not
+    restart are the same pictures."""
+    from harness.workflow import EXAMPLE_WORKFLOWS_DIR, check_ui_workflow, load_ui_workflow, nodes_of_type, ui_to_api
+
+    workflow = load_ui_workflow(EXAMPLE_WORKFLOWS_DIR / "restart_sampler_digits.json")
+    info = comfy.object_info()
+    assert check_ui_workflow(workflow, info) == []
+    prompt = ui_to_api(workflow, info)
+    assert (EXAMPLE_WORKFLOWS_DIR / "restart_sampler_digits.jpg").is_file()
+    samplers = nodes_of_type(prompt, "SamplerCustom")
+    restart_id = next(s for s in samplers if prompt[prompt[s]["inputs"]["sampler"][0]]["class_type"]
+                      == "SDN_SafeDenoiserRestartSampler")
+    plain_id = next(s for s in samplers if s != restart_id)
+    out = comfy.run_prompt(prompt)
+    plain, safe = (out.result(i)[0]["samples"] for i in (plain_id, restart_id))
+    assert plain.shape == safe.shape == (16, 4, 8, 8)
+    assert int(((plain - safe).flatten(1).abs().amax(1) == 0).sum()) >= 8  # most images untouched
+    for save in nodes_of_type(prompt, "SaveImage"):
+        assert len(out[save]["images"]) == 16

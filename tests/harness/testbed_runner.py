@@ -98,7 +98,7 @@ def run_arm(session: Any, bed: Any, parts: SimpleNamespace, arm: str, *, negatio
         guide = rs.RestartGuide(negation, rs.RestartSettings(**(settings or {})))
 
         def run(start: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            claiming = rs._Claiming(denoiser, guide, parts, float(sigmas[-2]))
+            claiming = rs._Claiming(denoiser, guide, parts)
             out = SAMPLERS[sampler](claiming, start, sigmas, disable=True)
             return out, (claiming.claimed if claiming.claimed is not None else torch.zeros(len(index), dtype=torch.bool))
 
