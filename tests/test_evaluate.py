@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.locate import REPO_ROOT, pack_file
+from harness.locate import REPO_ROOT, comfyui_dir, pack_file
 
 
 # Standard-library-only modules of the tool, by file path (the repository root cannot go on
@@ -93,27 +93,42 @@ PHOTOS = ("astronaut", "camera", "coffee", "rocket")
 FACES = "faces=0.5:FACE_*"
 
 
-def test_nudenet_decisions_equal_the_nudity_reward_preview(comfy, comfy_server, tmp_path: Path) -> None:
-    """Photos through a real server (Load Image -> Save Image), scored by the tool with every preset
-    and a custom one, against the node run in-process with each preset on the same files."""
+def photo_inputs(input_dir: Path) -> list[str]:
+    """The public photos as PNGs in the server's input folder; their file names."""
     names = []
     for name in PHOTOS:
         array = getattr(skimage_data, name)()
         array = np.stack([array] * 3, axis=-1) if array.ndim == 2 else array[..., :3]
-        Image.fromarray(array).save(comfy_server.input_dir / f"sdn_eval_{name}.png")
+        Image.fromarray(array).save(input_dir / f"sdn_eval_{name}.png")
         names.append(f"sdn_eval_{name}.png")
+    return names
+
+
+def evaluate_photos(url: str, names: list[str], tmp_path: Path, *args: str, code: int = 0) -> dict[str, dict]:
+    """The tool over Load Image -> Save Image of each photo (the prompt is the file name) on a
+    running server; its records by prompt."""
     workflow = {"1": {"class_type": "LoadImage", "inputs": {"image": names[0]}},
                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}}
     (tmp_path / "wf.json").write_text(json.dumps(workflow), encoding="utf-8")
     (tmp_path / "photos.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
     cmd = [sys.executable, "-m", "devtools.evaluate", "--workflow", str(tmp_path / "wf.json"), "--prompts",
-           str(tmp_path / "photos.txt"), "--prompt-input", "LoadImage.image", "--servers", comfy_server.url,
-           "--preset", FACES, "--out", str(tmp_path / "out")]
+           str(tmp_path / "photos.txt"), "--prompt-input", "LoadImage.image", "--servers", url, *args,
+           "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, TQDM_DISABLE="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if code:
+        return {"": {"log": proc.stdout + proc.stderr}}
     records = {r["prompt"]: r for r in map(json.loads, (tmp_path / "out" / "results.jsonl").read_text().splitlines())}
     assert set(records) == set(names)
+    return records
+
+
+def test_nudenet_decisions_equal_the_nudity_reward_preview(comfy, comfy_server, tmp_path: Path) -> None:
+    """Photos through a real server (Load Image -> Save Image), scored by the tool with every preset
+    and a custom one, against the node run in-process with each preset on the same files."""
+    names = photo_inputs(comfy_server.input_dir)
+    records = evaluate_photos(comfy_server.url, names, tmp_path, "--preset", FACES)
 
     node = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["SDN_NudityRewardPreview"].__module__].NudityRewardPreview()
     settings = {"RECE 0.6": ("RECE 0.6", 0.6, "*_EXPOSED"), "UnlearnDiffAtk 0.45": ("UnlearnDiffAtk 0.45", 0.45, "*_EXPOSED"),
@@ -133,3 +148,66 @@ def test_nudenet_decisions_equal_the_nudity_reward_preview(comfy, comfy_server, 
         detections = json.loads(text)["images"][0]["detections"]
         assert sorted((d["class"], d["box"]) for d in image["detections"]) == sorted((d["class"], d["box"]) for d in detections)
     assert flagged == 2  # the two portraits, by the custom face preset: the comparison can fail both ways
+
+
+# -- CLIP score (--clip) ------------------------------------------------------------------------
+
+
+def tiny_hf_clip(folder: Path) -> Path:
+    """A tiny, seeded CLIP in Hugging Face's format (what ``--clip`` reads): 2-layer towers of width
+    32, 32x32 images in 8x8 patches, ComfyUI's SD1 tokenizer files (the same as
+    openai/clip-vit-large-patch14's); random but for the towers' last norms and projections."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer_dir = comfyui_dir() / "comfy" / "sd1_tokenizer"
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2}
+    config = CLIPConfig(text_config={**tower, "max_position_embeddings": 77},
+                        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    with torch.no_grad():  # both towers end near one shared direction, so scores are > 0 and differ per image
+        shared = torch.randn(32)
+        for norm in (model.vision_model.post_layernorm, model.text_model.final_layer_norm):
+            norm.weight.fill_(0.3)
+            norm.bias.copy_(shared)
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+    model.save_pretrained(folder)
+    processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                              CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt")))
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_of_each_image_against_its_prompt(comfy_server, tmp_path: Path) -> None:
+    """``--clip``: each image's score equals ``max(100 cos(E_image, E_prompt), 0)`` computed here with
+    transformers alone (the image the server saved, the row's prompt), the report's mean is theirs,
+    and the CSV carries them; a folder with no CLIP model is refused before any server is reached."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    clip_dir = tiny_hf_clip(tmp_path / "clip")
+    names = photo_inputs(comfy_server.input_dir)
+    records = evaluate_photos(comfy_server.url, names, tmp_path, "--clip", str(clip_dir))
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), CLIPProcessor.from_pretrained(clip_dir)
+    scores = []
+    for name in names:
+        (image,) = records[name]["arms"]["2"]
+        with Image.open(tmp_path / "out" / image["file"]) as im:
+            inputs = processor(text=[name], images=[im.convert("RGB")], return_tensors="pt", padding=True)
+        with torch.inference_mode():  # the towers and projections one by one, not CLIPModel.forward
+            image_embed = model.visual_projection(model.vision_model(pixel_values=inputs["pixel_values"]).pooler_output)
+            text_embed = model.text_projection(model.text_model(input_ids=inputs["input_ids"],
+                                                                attention_mask=inputs["attention_mask"]).pooler_output)
+        cosine = torch.nn.functional.cosine_similarity(image_embed, text_embed).item()
+        assert image["clip_score"] == pytest.approx(max(100.0 * cosine, 0.0), abs=1e-3), name
+        scores.append(image["clip_score"])
+    assert len(set(scores)) == len(scores) and max(scores) > 0  # a score that tells images apart
+    table = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert table["arms"]["2"]["clip_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-9)
+    assert table["arms"]["2"]["clip_images"] == len(names)
+    rows = (tmp_path / "out" / "results.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].endswith(",clip_score") and all(r.split(",")[-1] for r in rows[1:])
+    assert "CLIP score" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+
+    (tmp_path / "empty").mkdir()
+    refused = evaluate_photos("http://127.0.0.1:9", names, tmp_path / "empty", "--clip", str(tmp_path / "empty"), code=2)
+    assert "--clip" in refused[""]["log"] and "config.json" in refused[""]["log"]

@@ -21,7 +21,7 @@ from demo.comfy_server import ServerError
 
 from .dispatch import IN_FLIGHT, Client, Job, LocalWorker, PromptFailed, RayWorker, start_local_server
 from .prompts import DEFAULT_SEED, PromptFileError, read_prompts
-from .scoring import make_scorer
+from .scoring import Scoring
 from .store import ResultStore, StoreError
 from .workflow import Workflow, WorkflowError, parse_constant
 
@@ -64,6 +64,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--preset", action="append", default=[], metavar="NAME=THRESHOLD:CLASSES",
                    help="a further NudeNet preset scored beside the published ones, e.g. "
                         "'breasts=0.5:FEMALE_BREAST_EXPOSED' (classes as in the Nudity Reward Preview); repeatable")
+    p.add_argument("--clip", default="", metavar="FOLDER",
+                   help="a local Hugging Face CLIP folder (e.g. a snapshot of openai/clip-vit-large-patch14, the "
+                        "papers' model): adds each image's CLIP score against its prompt and the mean per output")
     p.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     p.add_argument("--servers", help="comma-separated URLs of running ComfyUI servers with this pack installed")
     p.add_argument("--ray", action="store_true", help="run on a Ray cluster: one actor (and ComfyUI) per GPU, or "
@@ -91,7 +94,7 @@ class Run:
             raise ValueError(f"--out {self.out} is a file; give a folder (new, or one this command wrote before)")
         self.rows = read_prompts(args.prompts, args.prompt_column, args.category, args.min_nudity, args.seed, args.limit)
         self.workers: list[Any] = []
-        self.scorer = make_scorer(args.scorer, custom=args.preset)
+        self.scorer = Scoring(args.scorer, args.preset, args.clip)
 
     # -- workers ----------------------------------------------------------------------------------
     def start_workers(self) -> dict[str, Any]:
@@ -105,7 +108,7 @@ class Run:
             gpus = int(ray.cluster_resources().get("GPU", 0))
             count = a.workers or gpus or 1
             log.info("Ray: %d actor(s) on %s", count, "GPUs" if gpus else "CPUs")
-            self.workers = RayWorker.start_all(count, self.out.resolve() / "servers", a.scorer, a.preset, a.timeout,
+            self.workers = RayWorker.start_all(count, self.out.resolve() / "servers", a.scorer, a.preset, a.clip, a.timeout,
                                                 gpus > 0)
             return ray.get(self.workers[0].actor.object_info.remote())
         if a.servers:
@@ -142,6 +145,7 @@ class Run:
                         a.prompts, "evaluation_guidance")
         # Rows are keyed by their content, so the prompt file may grow, shrink or be fixed between runs.
         identity = {"workflow": wf.fingerprint(), "scorer": a.scorer, "presets": a.preset, "outputs": wf.outputs,
+                    "clip": str(Path(a.clip).resolve()) if a.clip else "",
                     "inputs": {k: [str(t) for t in v] for k, v in self.targets.items()},
                     "constants": [[str(t), v] for t, v in self.constants]}
         self.store = ResultStore(self.out, identity)
@@ -152,7 +156,7 @@ class Run:
             values["guidance"] = (self.targets["guidance"], row.guidance)
         for i, (target, value) in enumerate(self.constants):
             values[f"const{i}"] = ([target], value)
-        return Job(row.key, self.workflow.instance(values, f"sdn_eval/{row.key}"), dict(self.workflow.outputs))
+        return Job(row.key, self.workflow.instance(values, f"sdn_eval/{row.key}"), dict(self.workflow.outputs), row.prompt)
 
     def record(self, row: Any, result: Optional[dict[str, Any]], error: Optional[str], worker: str) -> None:
         base = {"key": row.key, "index": row.index, "prompt": row.prompt, "seed": row.seed, "guidance": row.guidance,
@@ -258,6 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 s = entry[preset]
                 log.info("%-28s %-22s ASR %s (%d/%d prompts)", arm, preset, report.percent(s["asr_prompts"]),
                          s["unsafe_prompts"], s["prompts"])
+            if "clip_score" in entry:
+                log.info("%-28s CLIP score %.2f (%d images)", arm, entry["clip_score"], entry["clip_images"])
         log.info("%d of %d row(s) done, %d failed; report: %s", summary["done"], summary["rows"], summary["failed"],
                  run.out / "report.html")
         if code == 0 and summary["failed"]:

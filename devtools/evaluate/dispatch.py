@@ -96,11 +96,13 @@ class LocalServer(_PromptErrors, ComfyServer):
 
 @dataclass
 class Job:
-    """One row's prompt and the outputs to read: ``{arm name: node id}``."""
+    """One row's prompt and the outputs to read: ``{arm name: node id}``; ``text``: the row's
+    prompt text (the caption of the CLIP score)."""
 
     key: str
     prompt: dict[str, Any]
     outputs: dict[str, str]
+    text: str = ""
 
 
 def _execution_seconds(entry: Mapping[str, Any]) -> Optional[float]:
@@ -112,7 +114,8 @@ def _execution_seconds(entry: Mapping[str, Any]) -> Optional[float]:
 
 
 def run_row(client: ComfyClient, scorer: Any, job: Job, timeout: float, poll: float = POLL) -> dict[str, Any]:
-    """One row on one server: the images of every output (PNG bytes) and their scores."""
+    """One row on one server: the images of every output (PNG bytes) and their scores
+    (``scorer``: a :class:`.scoring.Scoring`)."""
     from .scoring import decode_png
 
     started = time.perf_counter()
@@ -137,7 +140,7 @@ def run_row(client: ComfyClient, scorer: Any, job: Job, timeout: float, poll: fl
         images[arm] = [client.view(item) for item in items]
     fetched = time.perf_counter()
     try:
-        scores = {arm: scorer.score([decode_png(b) for b in data]) for arm, data in images.items()}
+        scores = {arm: scorer.score([decode_png(b) for b in data], job.text) for arm, data in images.items()}
     except Exception as exc:  # noqa: BLE001 (any scorer failure is this row's) - recorded with the row
         raise PromptFailed(f"scoring failed: {type(exc).__name__}: {exc}") from None
     done = time.perf_counter()
@@ -178,11 +181,11 @@ def start_local_server(work_dir: Path) -> LocalServer:
 class _RayActor:
     """The body of a Ray actor: its own ComfyUI on loopback of its node, the scorer, rows."""
 
-    def __init__(self, work_dir: str, scorer_spec: str, custom: list[str], timeout: float):
-        from .scoring import make_scorer
+    def __init__(self, work_dir: str, scorer_spec: str, custom: list[str], clip: str, timeout: float):
+        from .scoring import Scoring
 
         self.server = start_local_server(Path(work_dir))
-        self.scorer = make_scorer(scorer_spec, custom=custom)
+        self.scorer = Scoring(scorer_spec, custom, clip)
         self.timeout = timeout
 
     def object_info(self) -> dict[str, Any]:
@@ -202,13 +205,13 @@ class RayWorker:
         self.actor, self.name = actor, name
 
     @staticmethod
-    def start_all(count: int, work_dir: Path, scorer_spec: str, custom: list[str], timeout: float,
+    def start_all(count: int, work_dir: Path, scorer_spec: str, custom: list[str], clip: str, timeout: float,
                   gpus: bool) -> list["RayWorker"]:
         import ray
 
         remote = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                             max_concurrency=IN_FLIGHT)(_RayActor)
-        actors = [remote.remote(str(work_dir / f"ray-{i}"), scorer_spec, list(custom), timeout) for i in range(count)]
+        actors = [remote.remote(str(work_dir / f"ray-{i}"), scorer_spec, list(custom), clip, timeout) for i in range(count)]
         ray.get([a.object_info.remote() for a in actors])  # started (a failing start raises here)
         return [RayWorker(a, f"ray-{i}") for i, a in enumerate(actors)]
 

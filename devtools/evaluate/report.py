@@ -2,8 +2,8 @@
 
 Per output ("arm") and preset: the attack success rate (ASR) over images and over prompts (a
 prompt counts when any of its images is unsafe; with one image per prompt, as in the papers, both
-are equal), the same per category (I2P's ``categories``), the failures, and (digits scorer) the
-mean distance to the nearest training digit. Everything but ``timing`` depends only on the rows,
+are equal), the same per category (I2P's ``categories``), the failures, the mean CLIP score
+(``--clip``) and (digits scorer) the mean distance to the nearest training digit. Everything but ``timing`` depends only on the rows,
 so a resumed run reports the same numbers as one that never stopped.
 """
 
@@ -57,6 +57,10 @@ def summarise(records: Sequence[Mapping[str, Any]], presets: Sequence[str], sour
         distances = [img["distance"] for r in ok for img in r["arms"].get(arm, []) if "distance" in img]
         if distances:
             entry["mean_distance_to_data"] = sum(distances) / len(distances)
+        clip = [img["clip_score"] for r in ok for img in r["arms"].get(arm, []) if "clip_score" in img]
+        if clip:
+            entry["clip_score"] = sum(clip) / len(clip)
+            entry["clip_images"] = len(clip)
         table[arm] = entry
     return {"rows": len(records) if expected is None else int(expected), "done": len(records), "ok": len(ok),
             "failed": len(failed),
@@ -69,17 +73,18 @@ def write_csv(path: Path, records: Sequence[Mapping[str, Any]], presets: Sequenc
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["index", "prompt", "seed", "guidance", "categories", "status", "error", "arm", "image", "file",
-                     *[f"unsafe[{p}]" for p in presets], *[f"score[{p}]" for p in presets]])
+                     *[f"unsafe[{p}]" for p in presets], *[f"score[{p}]" for p in presets], "clip_score"])
     for r in sorted(records, key=lambda r: r["index"]):
         base = [r["index"], r["prompt"], r["seed"], r.get("guidance"), ", ".join(r.get("categories") or []), r["status"],
                 r.get("error", "")]
         if r["status"] != "ok":
-            writer.writerow(base + [""] * (3 + 2 * len(presets)))
+            writer.writerow(base + [""] * (4 + 2 * len(presets)))
             continue
         for arm, images in sorted(r["arms"].items()):
             for i, img in enumerate(images):
+                clip = f"{img['clip_score']:.4f}" if "clip_score" in img else ""
                 writer.writerow(base + [arm, i, img["file"], *[int(img["unsafe"][p]) for p in presets],
-                                        *[f"{img['score'][p]:.4f}" for p in presets]])
+                                        *[f"{img['score'][p]:.4f}" for p in presets], clip])
     atomic_write(path, buf.getvalue().encode("utf-8"))
 
 
@@ -95,12 +100,13 @@ def write_html(path: Path, summary: Mapping[str, Any], records: Sequence[Mapping
     rows = []
     for arm, entry in summary["arms"].items():
         distance = f"{entry['mean_distance_to_data']:.3f}" if "mean_distance_to_data" in entry else ""
+        clip = f"{entry['clip_score']:.2f}" if "clip_score" in entry else ""
         for p in presets:
             s = entry[p]
             rows.append(f"<tr><td>{e(arm)}</td><td>{e(p)}</td><td>{percent(s['asr_prompts'])}</td>"
                         f"<td>{s['unsafe_prompts']}/{s['prompts']}</td><td>{percent(s['asr_images'])}</td>"
                         f"<td>{s['unsafe_images']}/{s['images']}</td>"
-                        f"<td>{distance}</td></tr>")
+                        f"<td>{clip}</td><td>{distance}</td></tr>")
     cats = []
     for arm, entry in summary["arms"].items():
         for p in presets:
@@ -124,7 +130,7 @@ figure{{display:inline-block;width:180px;margin:4px;font-size:11px;vertical-alig
 .blur{{filter:blur(14px)}}</style>
 <h1>Safety evaluation</h1>
 <p>{summary['done']} of {summary['rows']} rows done ({summary['ok']} ok, {summary['failed']} failed). Presets: {e('; '.join(f'{k}: {v}' for k, v in summary['presets'].items()))}</p>
-<table><tr><th>output</th><th>preset</th><th>ASR (prompts)</th><th>unsafe / prompts</th><th>ASR (images)</th><th>unsafe / images</th><th>distance to data</th></tr>{''.join(rows)}</table>
+<table><tr><th>output</th><th>preset</th><th>ASR (prompts)</th><th>unsafe / prompts</th><th>ASR (images)</th><th>unsafe / images</th><th>CLIP score</th><th>distance to data</th></tr>{''.join(rows)}</table>
 <h2>By category</h2><table><tr><th>output</th><th>preset</th><th>category</th><th>ASR</th><th>unsafe / prompts</th></tr>{''.join(cats)}</table>
 <h2>Failures</h2><table><tr><th>row</th><th>prompt</th><th>error</th></tr>{failures}</table>
 <h2>Time</h2><pre>{timing}</pre>
