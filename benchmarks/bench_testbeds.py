@@ -27,8 +27,10 @@ from devtools.pack_file import load_pack_file  # noqa: E402
 log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_testbeds")
 
 ARMS = [("defaults", {"mode": "paper"}), ("bandwidth 1/3", {"mode": "paper", "bandwidth": 1 / 3}),
-        ("reference", {"mode": "reference"}), ("restart", {"restart": True})]
-"""Safe Denoiser arms: the patch's modes, and the Restart Sampler at its defaults."""
+        ("reference", {"mode": "reference"}), ("restart", {"restart": True}),
+        ("ksampler", {"mode": "paper", "restart": True})]
+"""Safe Denoiser arms: the patch's modes, the Restart Sampler at its defaults, and the Safe Denoiser
+KSampler at its defaults (the patch's correction and restarts around it)."""
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ bundle's digit classifier. Written into ``--out``: one image grid per arm, ``his
 ``pairs.png`` (the first samples, plain beside Safe Denoiser; the demo model's arms) and ``report.json``; progress and a summary table
 go to stdout (``--quiet``: errors only).
 
-Settings: the workflow's own (the Safe Denoiser at the node's defaults) for the prompt ``any``;
-for the prompt ``7`` the Safe Denoiser runs at ``UNSAFE_PROMPT_SETTINGS`` (see README, "Try it").
+Settings: the workflow's own for both prompts (the Safe Denoiser KSampler at the node's defaults:
+the correction and restarts of what the negation set claims).
 Only the standard library, numpy, Pillow and safetensors are used here (no torch).
 """
 
@@ -53,10 +53,6 @@ listed by Load Concept-Erased Model from the pack's ``demo/concept_erased``."""
 MODELS = {"": None, "sdd": SDD_WEIGHTS}
 """Model variants of each prompt: the demo model, and the demo model with the SDD edit."""
 PROMPTS = ("any", str(digits.DEFAULT_NEGATED))
-
-UNSAFE_PROMPT_SETTINGS: dict[str, Any] = {"strength": 3.0, "bandwidth": 2.0}
-"""Safe Denoiser settings of the prompt-``7`` arm (the "unsafe prompt" case); README, "Try it"."""
-
 
 class DemoError(RuntimeError):
     """The demo could not run (no ComfyUI, a workflow it cannot measure); the server's failures
@@ -130,8 +126,7 @@ class DemoPrompt:
         inputs = self.prompt[self.samplers[kind]]["inputs"]
         return {k: v for k, v in inputs.items() if not isinstance(v, list)}
 
-    def instance(self, digit: str, seed: int, batch: int, tag: str, safe_overrides: Mapping[str, Any],
-                 erased: Optional[str] = None) -> dict:
+    def instance(self, digit: str, seed: int, batch: int, tag: str, erased: Optional[str] = None) -> dict:
         """The prompt of one batch; with ``erased``, Load Concept-Erased Model applies those weights
         to the model in front of both samplers."""
         prompt = copy.deepcopy(self.prompt)
@@ -144,8 +139,6 @@ class DemoPrompt:
         for kind, sampler in self.samplers.items():
             inputs = prompt[sampler]["inputs"]
             inputs["seed"] = seed
-            if kind == SAFE:
-                inputs.update(safe_overrides)
             cond = prompt[_upstream(prompt, sampler, "positive")]
             cond["inputs"]["digit"] = digit
             latent = prompt[_upstream(prompt, sampler, "latent_image")]
@@ -310,20 +303,16 @@ def run(samples: int, out: Path, batch: int, seed: int, runtime_dir: Path,
         demo = DemoPrompt.from_workflow(server.object_info())
         arms: dict[tuple[str, str], Arm] = {}
         for digit in PROMPTS:
-            overrides = UNSAFE_PROMPT_SETTINGS if digit != "any" else {}
             for erased in MODELS.values():
                 for kind in (PLAIN, SAFE):
                     settings = demo.settings(kind) | ({"erased_weights": erased} if erased else {})
-                    if kind == SAFE:
-                        settings |= overrides
                     arms[(digit, arm_label(kind, erased))] = Arm(arm_name(kind, erased, digit), digit,
                                                                  arm_label(kind, erased), settings)
                 done = 0
                 chunk = 0
                 while done < samples:
                     n = min(batch, samples - done)
-                    outputs = server.run_prompt(demo.instance(digit, seed + chunk, n, f"{digit}_{chunk:03d}", overrides,
-                                                              erased), timeout=900)
+                    outputs = server.run_prompt(demo.instance(digit, seed + chunk, n, f"{digit}_{chunk:03d}", erased), timeout=900)
                     for kind in (PLAIN, SAFE):
                         arm = arms[(digit, arm_label(kind, erased))]
                         images = read_images(server, outputs, demo.saves[kind])

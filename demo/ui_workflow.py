@@ -57,6 +57,21 @@ def is_widget(spec: Any) -> bool:
     return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
 
 
+def widget_default(spec: Any, missing: str) -> Any:
+    """The value a widget shows when a saved workflow has none for it: its ``default``, else a
+    combo's first choice (the frontend's rule).
+
+    Raises:
+        WorkflowConversionError: ``missing`` when the input has neither.
+    """
+    options = _spec_options(spec)
+    if "default" in options:
+        return options["default"]
+    if isinstance(spec[0], (list, tuple)) and spec[0]:
+        return spec[0][0]
+    raise WorkflowConversionError(missing)
+
+
 def extra_widget_values(name: str, spec: Any) -> int:
     """How many extra ``widgets_values`` entries the frontend stores after this widget."""
     options = _spec_options(spec)
@@ -147,10 +162,9 @@ class _Converter:
                         inputs[name] = values_by_name[name]
                 elif position < len(values):
                     inputs[name] = values[position]
-                elif name not in linked:
-                    raise WorkflowConversionError(
-                        f"node {node_id} ({node_type}): no widgets_values entry for {name!r} "
-                        f"(has {len(values)})")
+                elif name not in linked:  # saved before the node had this widget: the frontend keeps its default
+                    inputs[name] = widget_default(spec, f"node {node_id} ({node_type}): no widgets_values entry for "
+                                                        f"{name!r} (has {len(values)}) and the input has no default")
                 position += 1 + extra_widget_values(name, spec)
             if name in linked:
                 source = self.resolve(linked[name]["link"], linked[name].get("type"))

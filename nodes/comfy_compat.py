@@ -79,6 +79,19 @@ def sampling_wrapper_types(model: Any) -> tuple[str, str] | None:
     return WrappersMP.PREDICT_NOISE, WrappersMP.OUTER_SAMPLE
 
 
+def ksampler_sigmas(model: Any, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:
+    """The sigmas ComfyUI's KSampler samples with (its scheduler, the samplers that drop the
+    penultimate sigma, the ``denoise`` tail), from ``comfy.samplers.KSampler`` itself.
+
+    The 2024-03 ComfyUI's KSampler takes the inner model (``model.model``), current ones the
+    ModelPatcher (``calculate_sigmas`` reads ``get_model_object("model_sampling")``)."""
+    import comfy.samplers
+
+    target = model if hasattr(comfy.samplers, "calculate_sigmas") else model.model
+    return comfy.samplers.KSampler(target, steps=steps, device="cpu", sampler=sampler_name, scheduler=scheduler,
+                                   denoise=denoise, model_options=model.model_options).sigmas
+
+
 def show_on_node(text: str) -> bool:
     """Show ``text`` on the node that is executing (current ComfyUI: the frontend's progress text
     under the node); False where this ComfyUI has no such message or no server is running."""

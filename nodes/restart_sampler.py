@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 import comfy.samplers
+import comfy.utils
 
 from ..kernels.restart import RestartThreshold, claimed, restart_threshold, sample_with_restarts
-from .comfy_compat import NodeInputError, check_interrupt, forward_coefficients, show_on_node
+from .comfy_compat import NodeInputError, check_interrupt, forward_coefficients, ksampler_sigmas, show_on_node
 from .negation_set import NegationSet
 from .safe_denoiser import CATEGORY, PAPER_BANDWIDTH
 
@@ -173,13 +174,38 @@ class RestartKSampler(comfy.samplers.KSAMPLER):
 
         start = ms.noise_scaling(sigmas[0], noise, latent_image, max_denoise)
         samples, restarts, still = sample_with_restarts(run, start, fresh, self.guide.settings.max_restarts)
-        self.last_report = (f"{NODE}: {int((restarts > 0).sum())} of {bsz} sample(s) restarted, {int(restarts.sum())} "
+        self.last_report = (f"{self.guide.node}: {int((restarts > 0).sum())} of {bsz} sample(s) restarted, {int(restarts.sum())} "
                             f"restart(s) in all; {int(still.sum())} still claimed after the last one "
                             f"(max_restarts {self.guide.settings.max_restarts}; {self.guide.negation.describe()})")
         log.info("%s", self.last_report)
         if int(still.sum()):
             show_on_node(self.last_report)
         return ms.inverse_noise_scaling(sigmas[-1], samples)
+
+
+def restart_ksampler(model: Any, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive: Any,
+                     negative: Any, latent: dict, denoise: float, guide: RestartGuide) -> tuple[dict, str]:
+    """ComfyUI's ``common_ksampler`` with the restarts of ``guide`` around its sampler.
+
+    The same noise (``prepare_noise`` of the seed and batch indices), sigmas (ComfyUI's KSampler's
+    own), noise mask, preview callback and progress bar as KSampler, through ``sample_custom``: the
+    samples never claimed are bit for bit KSampler's. Returns the LATENT and the restart report."""
+    import comfy.sample
+    import latent_preview  # ComfyUI's module (absolute import)
+
+    latent_image = latent["samples"]
+    if hasattr(comfy.sample, "fix_empty_latent_channels"):  # current ComfyUI (2024-03: absent)
+        latent_image = comfy.sample.fix_empty_latent_channels(model, latent_image)
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    sigmas = ksampler_sigmas(model, steps, sampler_name, scheduler, denoise)
+    sampler = RestartKSampler(comfy.samplers.sampler_object(sampler_name), guide)
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image,
+                                         noise_mask=latent.get("noise_mask"), callback=callback,
+                                         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples
+    return out, sampler.last_report
 
 
 class SafeDenoiserRestartSampler:

@@ -414,8 +414,13 @@ class SafeDenoiserPatch:
         return (patch_model(model, kwargs.pop("negation_set"), settings_from(kwargs), "Safe Denoiser (model patch)"),)
 
 
+KSAMPLER_NODE = "Safe Denoiser KSampler"
+DEFAULT_KSAMPLER_RESTARTS = 4
+"""The KSampler node's restarts: the correction plus the Restart Sampler's test (README's table)."""
+
+
 class SafeDenoiserKSampler:
-    """KSampler with the Safe Denoiser built in."""
+    """KSampler with the Safe Denoiser built in (the correction, and restarts of what the set claims)."""
 
     DESCRIPTION = ("A KSampler that steers generation away from a negation set (training-free safe denoiser, "
                    "Kim et al. NeurIPS 2025). Same inputs as KSampler plus the negation set and the guidance "
@@ -448,13 +453,29 @@ class SafeDenoiserKSampler:
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "The amount of denoising (lower keeps more of the input latent)."}),
             **guidance_inputs(),
+        }, "optional": {
+            "max_restarts": ("INT", {"default": DEFAULT_KSAMPLER_RESTARTS, "min": 0, "max": 64, "tooltip":
+                             "Images the negation set still claims while sampling are sampled again from fresh noise, "
+                             "up to this many times (the Safe Denoiser Restart Sampler's test at its defaults; images "
+                             "never claimed are unchanged). The correction alone cannot remove content that the first "
+                             "steps already decide (README, 'Restart Sampler'). 0 = the correction only, as in the "
+                             "paper."}),
         }}
 
-    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise, **kwargs):
+    def sample(self, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise,
+               max_restarts=DEFAULT_KSAMPLER_RESTARTS, **kwargs):
         import nodes as comfy_nodes  # ComfyUI's nodes.py (absolute import, not this package)
 
-        patched, hook = patch_model_with_hook(model, kwargs.pop("negation_set"), settings_from(kwargs),
-                                              "Safe Denoiser KSampler")
-        (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                                latent_image, denoise=denoise)
-        return latent, hook.report.finish()
+        negation = kwargs.pop("negation_set")
+        patched, hook = patch_model_with_hook(model, negation, settings_from(kwargs), KSAMPLER_NODE)
+        if int(max_restarts) <= 0:
+            (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
+                                                    negative, latent_image, denoise=denoise)
+            return latent, hook.report.finish()
+        from . import restart_sampler  # imports this module: not at the top
+
+        guide = restart_sampler.RestartGuide(negation, restart_sampler.RestartSettings(max_restarts=int(max_restarts)),
+                                             KSAMPLER_NODE)
+        latent, restarts = restart_sampler.restart_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
+                                                            negative, latent_image, denoise, guide)
+        return latent, hook.report.finish() + "\n" + restarts

@@ -175,7 +175,10 @@ def test_workflow_converter_seed_controls_and_errors(comfy):
     api = ui_to_api(workflow, info)
     assert api["1"]["inputs"] == {"add_noise": True, "noise_seed": 7, "cfg": 3.5}
     assert api["2"]["inputs"] == {"sampler_name": "euler"}
-    with pytest.raises(WorkflowConversionError, match="cfg"):
-        ui_to_api({"nodes": [_node(1, "SamplerCustom", [True, 7, "fixed"])], "links": []}, info)
+    # Saved before a node had a widget: the frontend keeps the widget's default (a combo: its first choice).
+    short = ui_to_api({"nodes": [_node(1, "SamplerCustom", [True, 7, "fixed"]), _node(2, "KSamplerSelect", [])],
+                       "links": []}, info)
+    assert short["1"]["inputs"]["cfg"] == info["SamplerCustom"]["input"]["required"]["cfg"][1]["default"]
+    assert short["2"]["inputs"]["sampler_name"] == info["KSamplerSelect"]["input"]["required"]["sampler_name"][0][0]
     with pytest.raises(WorkflowConversionError, match="NoSuchNode"):
         ui_to_api({"nodes": [_node(1, "NoSuchNode", [])], "links": []}, info)

@@ -130,6 +130,40 @@ def test_node_restarts_only_what_the_set_claims(comfy, caplog) -> None:
     assert torch.equal(comfy.run_prompt(zero).result(zero_id)[0]["samples"], plain)  # 0 restarts: plain, reported
 
 
+def ksampler_prompt(max_restarts: int, sampler: str = "euler", denoise: float = 1.0, batch: int = 24) -> tuple[dict, str]:
+    b = PromptBuilder()
+    load = b.add("SDN_LoadDemoModel")
+    negation = b.add("SDN_LoadNegationSet", set_name="digits_7", resolution=64, max_images=0, vae=load.out(1))
+    ks = b.add("SDN_SafeDenoiserKSampler", model=load.out(0), seed=11, steps=10, cfg=1.0, sampler_name=sampler,
+               scheduler="normal", positive=b.add("SDN_DemoDigitConditioning", digit="any"),
+               negative=b.add("SDN_DemoDigitConditioning", digit="any"),
+               latent_image=b.add("EmptyLatentImage", width=64, height=64, batch_size=batch), denoise=denoise,
+               negation_set=negation, mode="paper", strength=1.0, bandwidth=1.0, start_percent=0.0, end_percent=1.0,
+               beta_threshold=0.0, max_restarts=max_restarts)
+    b.add("PreviewImage", images=b.add("VAEDecode", samples=ks.out(0), vae=load.out(1)))
+    return b.build(), ks.id
+
+
+@pytest.mark.parametrize("sampler, denoise", [("euler", 1.0), ("dpm_2", 0.8)])
+def test_ksampler_restarts_only_what_the_set_claims(comfy, sampler: str, denoise: float) -> None:
+    """The Safe Denoiser KSampler's restarts (default 4): with 0 it is KSampler + the correction, as
+    before; with restarts, the images never claimed are bit for bit those (same noise, sigmas with
+    KSampler's rules, here a sampler that drops the penultimate sigma and a partial denoise), the
+    others differ, and the report says how many were restarted."""
+    info = comfy.object_info()["SDN_SafeDenoiserKSampler"]["input"]["optional"]["max_restarts"]
+    assert info[1]["default"] == 4 and info[1]["tooltip"]
+    prompt, ks_id = ksampler_prompt(0, sampler, denoise)
+    corrected, report = comfy.run_prompt(prompt).result(ks_id)
+    assert "Restart" not in report
+    prompt, ks_id = ksampler_prompt(4, sampler, denoise)
+    restarted, report = comfy.run_prompt(prompt).result(ks_id)
+    line = report.splitlines()[-1]
+    assert line.startswith("Safe Denoiser KSampler: ") and "sample(s) restarted" in line, report
+    count = int(line.split(": ")[1].split(" of ")[0])
+    same = (corrected["samples"] - restarted["samples"]).flatten(1).abs().amax(1) == 0
+    assert 0 < count < 24 and int((~same).sum()) == count, report
+
+
 def test_node_refuses_bad_inputs(comfy) -> None:
     rs = comfy.node_module("restart_sampler")
     node = rs.SafeDenoiserRestartSampler()

@@ -65,15 +65,18 @@ def negation_set(session: Any, bed: Any, parts: SimpleNamespace, count: int, see
 
 
 def run_arm(session: Any, bed: Any, parts: SimpleNamespace, arm: str, *, negation: Any = None,
-            settings: dict | None = None, sampler: str = "euler", steps: int = 20, batch: int = 32,
-            seed: int = 0) -> tuple[Measures, Any]:
+            settings: dict | None = None, restart: dict | None = None, sampler: str = "euler", steps: int = 20,
+            batch: int = 32, seed: int = 0) -> tuple[Measures, Any]:
     """Sample ``batch`` latents with ``arm`` in {"plain", "oracle", "safe", "restart"}; return the
-    measures and the hook (safe arm: its ``report`` tells what it did) or, for the restart arm
-    (the Safe Denoiser Restart Sampler's guide and restart loop around the same sampler), the
-    ``(restarts, still_claimed)`` per sample."""
+    measures and the hook (safe arm: its ``report`` tells what it did) or, with restarts (the Safe
+    Denoiser Restart Sampler's guide and restart loop around the same sampler: the "restart" arm,
+    whose ``settings`` are the restart settings, or ``restart`` settings around the safe arm, as the
+    Safe Denoiser KSampler does), the ``(restarts, still_claimed)`` per sample."""
     sd = pack_module(session, "safe_denoiser")
     ms = parts.model_sampling
     hook = None
+    if arm == "restart":
+        arm, restart, settings = "plain", dict(settings or {}), None
     if arm == "safe":
         hook = sd.SafeDenoiserHook(negation, sd.GuidanceSettings(**(settings or {})), uses_pre_cfg=False)
     safe_components = [k for k in range(bed.components) if k not in bed.unsafe]
@@ -93,9 +96,9 @@ def run_arm(session: Any, bed: Any, parts: SimpleNamespace, arm: str, *, negatio
     noise = torch.randn((batch,) + tuple(bed.shape), generator=gen)
     x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
     torch.manual_seed(seed + 1)  # ancestral samplers draw from the global generator
-    if arm == "restart":
+    if restart is not None:
         rs = pack_module(session, "restart_sampler")
-        guide = rs.RestartGuide(negation, rs.RestartSettings(**(settings or {})))
+        guide = rs.RestartGuide(negation, rs.RestartSettings(**restart))
 
         def run(start: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             claiming = rs._Claiming(denoiser, guide, parts)
@@ -124,13 +127,16 @@ def table_row(name: str, arm: str, m: Measures, plain: Measures) -> str:
 
 def arms_table(session: Any, name: str, bed: Any, parts: SimpleNamespace, arms: Sequence[tuple[str, dict]],
                **kw: Any) -> list[str]:
-    """Rows for plain, oracle and each ``(label, settings)`` Safe Denoiser arm."""
+    """Rows for plain, oracle and each ``(label, settings)`` Safe Denoiser arm (``settings``: the
+    patch's, and ``"restart": True`` or the restart settings for restarts around it)."""
     negation = negation_set(session, bed, parts, kw.pop("negation_count", 515), kw.pop("negation_seed", 100))
     plain, _ = run_arm(session, bed, parts, "plain", **kw)
     rows = [table_row(name, "plain", plain, plain), table_row(name, "oracle", run_arm(session, bed, parts, "oracle", **kw)[0], plain)]
     for label, settings in arms:
-        kind, settings = ("restart", {k: v for k, v in settings.items() if k != "restart"}) if settings.get("restart") \
-            else ("safe", settings)
-        m, hook = run_arm(session, bed, parts, kind, negation=negation, settings=settings, **kw)
+        settings = dict(settings)
+        restart = settings.pop("restart", None)
+        restart = ({} if restart is True else restart) if restart else None
+        kind = "safe" if settings else "plain"  # restart settings alone: the Restart Sampler around plain sampling
+        m, hook = run_arm(session, bed, parts, kind, negation=negation, settings=settings, restart=restart, **kw)
         rows.append(table_row(name, label, m, plain))
     return rows
