@@ -49,7 +49,7 @@ def server(comfy_server):
     if reason:
         pytest.skip(reason)
     if comfy_server.version == "O":
-        pytest.skip("the 2024-03 ComfyUI's frontend has no node help panel (it came with the Vue frontend, 2025)")
+        pytest.skip("the 2024-03 ComfyUI's frontend has no node help panel (the frontend gained it in 2025)")
     if not frontend_has_help_panel():
         pytest.skip(f"the installed ComfyUI frontend ({frontend_root()}) has no node help panel")
     # No first-run gallery over the canvas; the node library that has the help button; English pages.
