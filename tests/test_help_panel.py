@@ -1,12 +1,14 @@
 """The node help panel of the current ComfyUI frontend, in a real headless Chromium on a real server.
 
-How the frontend (comfyui-frontend-package, the node library's help page) shows a custom node's
-help: the node library sidebar lists every node; its "Learn more" (?) button opens the help page,
-which fetches ``/extensions/<pack>/docs/<NodeID>/<locale>.md`` and then ``/extensions/<pack>/docs/<NodeID>.md``
-(``<pack>`` from the node's ``python_module``, ``custom_nodes.<pack>``), renders the Markdown
-(marked + DOMPurify) and resolves relative links and images against ``/extensions/<pack>/docs/``.
-Without a page it shows the description and the input/output tooltips instead, so the test checks
-text that only the page has. The 2024-03 ComfyUI's frontend has no help panel: skipped there.
+How the frontend (comfyui-frontend-package: 1.27.10, the one ComfyUI v0.3.64 pins, and later ones)
+shows a custom node's help: the node library (side bar) lists every node; the "Learn more" (?)
+button of an entry, shown while the pointer is on it, opens the help page. That page fetches
+``/extensions/<pack>/docs/<NodeID>/<locale>.md`` and, when that is missing,
+``/extensions/<pack>/docs/<NodeID>.md`` (``<pack>`` from the node's ``python_module``,
+``custom_nodes.<pack>``), renders the Markdown (marked + DOMPurify) and resolves relative images
+against ``/extensions/<pack>/docs/``. Without a page it shows the description and the tooltips
+instead, so the test checks text only the page has. The 2024-03 ComfyUI's frontend has no help
+panel: skipped there.
 """
 
 from __future__ import annotations
@@ -76,17 +78,21 @@ def test_help_panel_renders_the_node_page(server, tmp_path):
         browser.navigate(server.url)
         browser.wait_for("!!(window.app && app.graph && app.extensionManager)", 60, what="the ComfyUI app")
 
-        # The node library (side bar), searched for the node, and its "Learn more" button.
-        browser.click("document.querySelector('[data-testid=\"node-library-tab-button\"]')", "the node library button")
-        search = ("document.querySelector('[data-testid=\"node-library-search\"] input') || "
-                  "document.querySelector('input[data-testid=\"node-library-search\"]')")
-        browser.wait_for(search, 20, what="the node library's search box")
+        # The node library (side bar), searched for the node, and its "Learn more" (?) button. Selectors
+        # of frontend 1.58 (data-testid, aria-label) and of 1.27 (the classes v0.3.64 pins) alike.
+        browser.click("document.querySelector('[data-testid=\"node-library-tab-button\"], .node-library-tab-button')",
+                      "the node library button")
+        search = ("document.querySelector('[data-testid=\"node-library-search\"] input, "
+                  "input[data-testid=\"node-library-search\"], .node-lib-search-box input')")
+        browser.wait_for(f"!!({search})", 20, what="the node library's search box")
         browser.type_text(search, DISPLAY_NAME)
-        entry = ("Array.from(document.querySelectorAll('.node-lib-tree-explorer [data-testid^=\"tree-node-\"]'))"
-                 f".find(el => el.querySelector('.node-label')?.textContent.trim() === {js(DISPLAY_NAME)})")
+        entry = ("Array.from(document.querySelectorAll('.node-lib-tree-explorer [data-testid^=\"tree-node-\"], "
+                 ".node-lib-tree-explorer .tree-leaf'))"
+                 f".find(el => (el.querySelector('.node-label') || el).textContent.trim() === {js(DISPLAY_NAME)})")
         browser.wait_for(f"!!({entry})", 20, what=f"{DISPLAY_NAME} in the node library")
         browser.hover(entry, f"the {DISPLAY_NAME} entry")  # pointing at it reveals its buttons
-        browser.click(f"({entry}).querySelector('button[aria-label=\"Learn more\"]')", "the Learn more button")
+        browser.click(f"({entry}).querySelector('button[aria-label=\"Learn more\"], button.help-button')",
+                      "the Learn more button")
 
         # The help page, rendered by the frontend from the pack's Markdown.
         content = "document.querySelector('.node-help-content')"
