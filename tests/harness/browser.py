@@ -94,6 +94,8 @@ class Chromium:
         self.errors: list[str] = []
         """Uncaught page exceptions and console errors, in order."""
         self.console: list[str] = []
+        self.responses: list[tuple[str, int]] = []
+        """``(url, HTTP status)`` of every response the page received since :meth:`record_network`."""
         self._process: subprocess.Popen[bytes] | None = None
         self._loop = asyncio.new_event_loop()
         self._http: aiohttp.ClientSession | None = None
@@ -192,7 +194,10 @@ class Chromium:
                 self._on_event(data.get("method", ""), data.get("params", {}))
 
     def _on_event(self, method: str, params: dict[str, Any]) -> None:
-        if method == "Runtime.exceptionThrown":
+        if method == "Network.responseReceived":
+            response = params.get("response", {})
+            self.responses.append((response.get("url", ""), int(response.get("status", 0))))
+        elif method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
             text = details.get("exception", {}).get("description") or details.get("text", "")
             self.errors.append(f"exception: {text} ({details.get('url', '')}:{details.get('lineNumber', '')})")
@@ -226,6 +231,11 @@ class Chromium:
         self._run(asyncio.sleep(seconds))
 
     # -- page helpers ---------------------------------------------------------------------------
+    def record_network(self) -> None:
+        """From now on, collect the URL and status of every response in :attr:`responses`."""
+        self.responses.clear()
+        self.send("Network.enable")
+
     def evaluate(self, expression: str, timeout: float = 30.0) -> Any:
         """The JSON value of a JavaScript expression in the page (promises are awaited)."""
         result = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
