@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS_DIR = ROOT / "web" / "docs"
 LOCALES_DIR = ROOT / "locales" / "en"
 BEGIN, END = "<!-- generated: inputs and outputs -->", "<!-- end generated -->"
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(\s*([^)\s]+)")
+"""A Markdown image, ``![alt](src "title")``: its ``src``."""
+
+
+def help_page_images(text: str) -> list[str]:
+    """The image sources of a help page, in order (relative ones resolve against the page's folder,
+    ``web/docs/``, both in the frontend's help panel and on the server)."""
+    return IMAGE_LINK.findall(text)
 
 
 def _inputs(cls: Any) -> list[tuple[str, str, dict]]:

@@ -83,7 +83,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
 HEAVY_FIXTURES = frozenset({"comfy", "comfy_server", "comfy_server_factory", "demo_report", "node_module",
                             "detector_module", "photos"})
 #: Modules whose tests start processes themselves (comfy-cli, ComfyUI servers, the demo, Chromium).
-HEAVY_MODULES = frozenset({"test_archive", "test_server", "test_nudity_reward_server", "test_demo"})
+HEAVY_MODULES = frozenset({"test_archive", "test_server", "test_nudity_reward_server", "test_help_panel", "test_demo"})
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -35,6 +36,34 @@ def test_every_node_has_a_help_page_in_step_with_its_definition(pack_nodes):
         assert "## Example" in prose and len(prose.split()) >= 60, f"{path.name}: say what it does, with an example"
         for name, _, _ in node_docs._inputs(cls):
             assert f"| `{name}` |" in text
+
+
+PICTURED = ("SDN_SafeDenoiserKSampler", "SDN_SafeDenoiserPatch", "SDN_SafeDenoiserRestartSampler",
+            "SDN_NudityRewardPreview", "SDN_EraseConceptSDD", "SDN_LoadConceptErasedModel")
+"""Help pages where a picture says more: each shows one made from the pack's own runs."""
+PICTURES_MAX_BYTES = 400_000
+
+
+def test_help_page_pictures_exist_under_the_served_docs_and_stay_small():
+    docs = PACK_ROOT / "web" / "docs"
+    used: set[Path] = set()
+    for page in sorted(docs.glob("*.md")):
+        for src in node_docs.help_page_images(page.read_text(encoding="utf-8")):
+            assert not re.match(r"^([a-z][a-z0-9+.-]*:|/|#|\?)", src, re.I), \
+                f"{page.name}: {src} must be relative (resolved against /extensions/<pack>/docs/)"
+            path = (docs / src).resolve()
+            assert path.is_relative_to(docs.resolve()), f"{page.name}: {src} leaves web/docs (not served)"
+            assert path.is_file(), f"{page.name}: {src} does not exist"
+            with Image.open(path) as im:
+                assert im.format in ("JPEG", "PNG") and max(im.size) <= 1000, (src, im.format, im.size)
+            used.add(path)
+    for node_id in PICTURED:
+        assert node_docs.help_page_images((docs / f"{node_id}.md").read_text(encoding="utf-8")), \
+            f"{node_id}.md has no picture"
+    shipped = {p.resolve() for p in (docs / "images").iterdir()}
+    assert shipped == used, f"pictures no help page shows: {sorted(p.name for p in shipped - used)}"
+    total = sum(p.stat().st_size for p in shipped)
+    assert total <= PICTURES_MAX_BYTES, f"web/docs/images holds {total} bytes: shrink them (devtools/help_images.py)"
 
 
 def test_locales_are_generated_from_the_nodes(pack_nodes):

@@ -13,11 +13,10 @@ import urllib.request
 
 import pytest
 
-from harness.browser import INSTALL_HINT, Chromium, find_chromium
+from harness.browser import Chromium, web_ui_skip_reason
 from harness.errors import ComfyPromptError
 from harness.locate import TESTS_DIR
 from harness.prompts import PromptBuilder
-from harness.server import frontend_root
 from harness.sets import write_test_images
 from harness.workflow import EXAMPLE_WORKFLOWS_DIR, load_ui_workflow, nodes_of_type, set_inputs, substitute_tiny, \
     ui_to_api
@@ -28,11 +27,6 @@ NODE = "SDN_NudityRewardPreview"
 WORKFLOW = EXAMPLE_WORKFLOWS_DIR / "nudity_reward_sd15.json"
 SET_DIR = "sdn_nudity_set"  # a sub-folder of the server's input directory: Load Negation Set's "input/..."
 BATCH = 2
-#: Model loaders the current frontend (1.27) looks up at start-up; without them (e.g. no `spandrel`
-#: for UpscaleModelLoader) its combo widgets break. Part of ComfyUI's own requirements.
-FRONTEND_LOADERS = ("CheckpointLoaderSimple", "ImageOnlyCheckpointLoader", "LoraLoader", "LoraLoaderModelOnly",
-                    "VAELoader", "ControlNetLoader", "UNETLoader", "UpscaleModelLoader", "StyleModelLoader",
-                    "GLIGENLoader")
 SCREENSHOT_DIR = TESTS_DIR / "_out"
 
 
@@ -109,22 +103,8 @@ def test_bad_input_gives_an_error_and_the_server_keeps_running(server):
 
 # -- the web extension in a real browser -----------------------------------------------------------
 
-def _skip_reason(server) -> str | None:
-    if find_chromium() is None:
-        return f"no Chromium for the web-extension test: {INSTALL_HINT}"
-    if server.version == "N":
-        if frontend_root() is None:
-            return "the N server has no web UI: pip install comfyui-frontend-package==1.27.10"
-        info = server.object_info()
-        missing = [name for name in FRONTEND_LOADERS if name not in info]
-        if missing:
-            return (f"the ComfyUI frontend breaks without {missing} (ComfyUI's own requirements, e.g. spandrel, "
-                    "are not installed)")
-    return None
-
-
 def test_web_extension_shows_the_table_in_a_real_browser(server, tmp_path):
-    reason = _skip_reason(server)
+    reason = web_ui_skip_reason(server)
     if reason:
         pytest.skip(reason)
     if server.version == "N":  # no first-run template gallery over the canvas

@@ -9,6 +9,8 @@ the good and broken sets below.
 from __future__ import annotations
 
 import hashlib
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,13 +132,22 @@ def test_object_info_describes_every_node_and_input(server: ComfyServer, server_
 
 def test_help_pages_and_translations_are_served(server: ComfyServer) -> None:
     """The frontend's help panel reads /extensions/<pack>/docs/<NodeID>.md; /i18n merges locales/."""
-    from harness.locate import REPO_ROOT, TEST_NODES_NAME
+    from harness.locate import REPO_ROOT, TEST_NODES_NAME, pack_file
 
+    node_docs = pack_file("devtools/node_docs.py", "sdn_node_docs")
     pack = next(name for name in server.packs if name != TEST_NODES_NAME)
+    pictures = 0
     for node_id in DISPLAY_NAMES:
         status, body = server.request("GET", f"/extensions/{pack}/docs/{node_id}.md")
         assert status == 200 and body.startswith(f"# {DISPLAY_NAMES[node_id]}"), (node_id, status)
         assert body == (REPO_ROOT / "web" / "docs" / f"{node_id}.md").read_text(encoding="utf-8")
+        for src in node_docs.help_page_images(body):  # relative to the page, as the help panel resolves them
+            url = urllib.parse.urljoin(f"{server.url}/extensions/{pack}/docs/{node_id}.md", src)
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                assert resp.status == 200 and resp.headers.get_content_type().startswith("image/"), (url, resp.status)
+                assert resp.read() == (REPO_ROOT / "web" / "docs" / src).read_bytes(), url
+            pictures += 1
+    assert pictures >= 6
     if server.version == "N":  # /i18n exists in current ComfyUI only
         defs = server.get_json("/i18n")["en"]["nodeDefs"]
         assert defs["SDN_SafeDenoiserPatch"]["display_name"] == "Safe Denoiser (model patch)"

@@ -6,7 +6,8 @@ is started with ``--remote-debugging-port=0`` on loopback, its port is read from
 test dependency). Enough for the web-extension tests: navigate, evaluate JavaScript (awaiting
 promises), wait for a condition, collect page errors, take screenshots.
 
-``find_chromium()`` returns ``None`` when no browser is installed: tests skip with that reason.
+``find_chromium()`` returns ``None`` when no browser is installed: tests skip with that reason;
+``web_ui_skip_reason(server)`` says why a server's web UI cannot be tested (no browser, no frontend).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from .locate import pack_module
+from .server import ComfyServer, frontend_root
 
 log = logging.getLogger(__name__)
 _server = pack_module("comfy_server")  # process-group stop and log tails, shared with the server
@@ -38,6 +40,13 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-extensions", "--disable-default-apps", "--mute-audio", "--hide-scrollbars",
          "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
+
+
+#: Model loaders the current frontend looks up at start-up; without them (e.g. no `spandrel` for
+#: UpscaleModelLoader) its combo widgets break. Part of ComfyUI's own requirements.
+FRONTEND_LOADERS = ("CheckpointLoaderSimple", "ImageOnlyCheckpointLoader", "LoraLoader", "LoraLoaderModelOnly",
+                    "VAELoader", "ControlNetLoader", "UNETLoader", "UpscaleModelLoader", "StyleModelLoader",
+                    "GLIGENLoader")
 
 
 class BrowserError(RuntimeError):
@@ -56,6 +65,21 @@ def find_chromium() -> str | None:
     return None
 
 
+def web_ui_skip_reason(server: ComfyServer) -> str | None:
+    """Why ``server``'s web UI cannot be driven in a browser here (``None``: it can)."""
+    if find_chromium() is None:
+        return f"no Chromium for the web UI test: {INSTALL_HINT}"
+    if server.version == "N":
+        if frontend_root() is None:
+            return "the N server has no web UI: pip install comfyui-frontend-package (the version in its requirements.txt)"
+        info = server.object_info()
+        missing = [name for name in FRONTEND_LOADERS if name not in info]
+        if missing:
+            return (f"the ComfyUI frontend breaks without {missing} (ComfyUI's own requirements, e.g. spandrel, "
+                    "are not installed)")
+    return None
+
+
 class Chromium:
     """One headless Chromium with one page, driven over CDP. Use as a context manager."""
 
@@ -70,6 +94,8 @@ class Chromium:
         self.errors: list[str] = []
         """Uncaught page exceptions and console errors, in order."""
         self.console: list[str] = []
+        self.responses: list[tuple[str, int]] = []
+        """``(url, HTTP status)`` of every response the page received since :meth:`record_network`."""
         self._process: subprocess.Popen[bytes] | None = None
         self._loop = asyncio.new_event_loop()
         self._http: aiohttp.ClientSession | None = None
@@ -168,7 +194,10 @@ class Chromium:
                 self._on_event(data.get("method", ""), data.get("params", {}))
 
     def _on_event(self, method: str, params: dict[str, Any]) -> None:
-        if method == "Runtime.exceptionThrown":
+        if method == "Network.responseReceived":
+            response = params.get("response", {})
+            self.responses.append((response.get("url", ""), int(response.get("status", 0))))
+        elif method == "Runtime.exceptionThrown":
             details = params.get("exceptionDetails", {})
             text = details.get("exception", {}).get("description") or details.get("text", "")
             self.errors.append(f"exception: {text} ({details.get('url', '')}:{details.get('lineNumber', '')})")
@@ -202,6 +231,11 @@ class Chromium:
         self._run(asyncio.sleep(seconds))
 
     # -- page helpers ---------------------------------------------------------------------------
+    def record_network(self) -> None:
+        """From now on, collect the URL and status of every response in :attr:`responses`."""
+        self.responses.clear()
+        self.send("Network.enable")
+
     def evaluate(self, expression: str, timeout: float = 30.0) -> Any:
         """The JSON value of a JavaScript expression in the page (promises are awaited)."""
         result = self.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
@@ -235,6 +269,35 @@ class Chromium:
             self.pump(poll)
         raise BrowserError(f"timed out after {timeout:.0f} s waiting for {what or expression}; last: {last[:500]}"
                            f"\npage errors: {self.errors[-5:]}")
+
+    def hover(self, element: str, what: str = "") -> dict[str, float]:
+        """Move the mouse onto the centre of the element a JavaScript expression returns (scrolled into
+        view first), as a user pointing at it does: hover-revealed controls appear. Its centre."""
+        box = self.evaluate(f"(() => {{ const el = ({element}); if (!el) return null; "
+                            "el.scrollIntoView({block: 'center', inline: 'center'}); "
+                            "const r = el.getBoundingClientRect(); "
+                            "return {x: r.left + r.width / 2, y: r.top + r.height / 2, w: r.width, h: r.height}; })()")
+        if not box or box["w"] <= 0 or box["h"] <= 0:
+            raise BrowserError(f"cannot point at {what or element}: it is {'absent' if not box else 'not visible'}")
+        point = {"x": box["x"], "y": box["y"]}
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", **point})
+        self.pump(0.1)
+        return point
+
+    def click(self, element: str, what: str = "") -> None:
+        """Click the element a JavaScript expression returns the way a user does: :meth:`hover`, then
+        the left button pressed and released there (real input events, not ``element.click()``)."""
+        point = self.hover(element, what)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", {"type": kind, "button": "left", "clickCount": 1, **point})
+
+    def type_text(self, element: str, text: str) -> None:
+        """Focus the input a JavaScript expression returns and type ``text`` into it (key by key input events)."""
+        if not self.evaluate(f"(() => {{ const el = ({element}); if (!el) return false; el.focus(); "
+                             "return document.activeElement === el; })()"):
+            raise BrowserError(f"cannot focus {element}")
+        for char in text:
+            self.send("Input.insertText", {"text": char})
 
     def screenshot(self, path: Path) -> Path:
         """Save a PNG of the viewport."""
