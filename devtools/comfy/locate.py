@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ComfyVersion = Literal["N", "O"]
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 ENV_VAR = "COMFYUI_PATH"
 O_COPY_NAME = "comfyui-o"
 COPY_MARKER = ".sdn_copy_complete"
