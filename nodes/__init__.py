@@ -13,7 +13,7 @@ from .sdd import EraseConceptSDD
 from .nudity_reward import NudityRewardPreview, register_nudenet_folder
 from .safe_denoiser import SafeDenoiserKSampler, SafeDenoiserPatch
 from .reference_sampler import SafeDenoiserReferenceSampler
-from .restart_sampler import SafeDenoiserRestartSampler
+from .restart_sampler import NODE as RESTART_SAMPLER_NAME, SafeDenoiserRestartSampler
 from .demo import DemoDigitConditioning, LoadDemoModel, register_demo_negation_sets
 
 log = logging.getLogger(__name__)
@@ -41,19 +41,8 @@ NODE_CLASS_MAPPINGS = {
     "SDN_EraseConceptSDD": EraseConceptSDD,
 }
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "SDN_LoadNegationSet": "Load Negation Set",
-    "SDN_NegationSetFromImages": "Negation Set from Images",
-    "SDN_SaveNegationSet": "Save Negation Set",
-    "SDN_SafeDenoiserPatch": "Safe Denoiser (model patch)",
-    "SDN_SafeDenoiserKSampler": "Safe Denoiser KSampler",
-    "SDN_NudityRewardPreview": "Nudity Reward Preview",
-    "SDN_LoadConceptErasedModel": "Load Concept-Erased Model",
-    "SDN_EraseConceptsUCE": "Erase Concepts (UCE)",
-    "SDN_SaveConceptErasedWeights": "Save Concept-Erased Weights",
-    "SDN_LoadDemoModel": "Load Demo Model (digits)",
-    "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
-    "SDN_SafeDenoiserReferenceSampler": "Safe Denoiser Reference Sampler",
-    "SDN_SafeDenoiserRestartSampler": "Safe Denoiser Restart Sampler",
-    "SDN_EraseConceptSDD": "Erase Concept (SDD)",
-}
+# Each node class carries its title once, as DISPLAY_NAME (also the name its error messages use).
+# The Restart Sampler's title is its module's NODE until its class gets DISPLAY_NAME too.
+_TITLES = {SafeDenoiserRestartSampler: RESTART_SAMPLER_NAME}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: _TITLES.get(cls) or cls.DISPLAY_NAME
+                              for node_id, cls in NODE_CLASS_MAPPINGS.items()}

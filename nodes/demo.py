@@ -131,6 +131,7 @@ def register_demo_negation_sets() -> None:
 
 
 class LoadDemoModel:
+    DISPLAY_NAME = NODE_LOAD
     DESCRIPTION = (TRY_IT + " Outputs the MODEL (an SD1.5-family EPS UNet, class-conditional through "
                    "its cross-attention) and its VAE. Use it with Demo Digit Conditioning, an Empty Latent "
                    "Image of 64x64 px and Load Negation Set 'digits_7' (the training images of the digit 7, a "
@@ -152,6 +153,7 @@ class LoadDemoModel:
 
 
 class DemoDigitConditioning:
+    DISPLAY_NAME = NODE_COND
     DESCRIPTION = (TRY_IT + " The conditioning of the demo model: the learned context of one digit, or of "
                    "'any' digit (the unconditional context; use it as the negative, and as the positive to "
                    "sample every digit).")

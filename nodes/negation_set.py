@@ -245,13 +245,14 @@ def resolve_set(name: str, node: str) -> str:
     return resolve_in_roots(rel, roots, node, what="negation set", fix=fix)
 
 
-def fingerprint_entry(name: str) -> str:
-    """Cheap change marker for IS_CHANGED: (file, size, mtime) of the set's files."""
+def fingerprint_entry(name: str, node: str) -> str:
+    """Cheap change marker for IS_CHANGED: (file, size, mtime) of the set's files (a name that does
+    not resolve gives the error ``node``'s message would show)."""
     builtin = builtin_set(name)
     if builtin is not None:
         return f"builtin:{name}:{builtin.fingerprint()}"
     try:
-        path = resolve_set(name, "Load Negation Set")
+        path = resolve_set(name, node)
     except NodeInputError as err:
         return f"error:{err}"
     if os.path.isfile(path):

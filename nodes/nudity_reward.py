@@ -243,6 +243,8 @@ TOOLTIPS = {
 class NudityRewardPreview:
     """NudeNet nudity scores, unsafe flags and a ShieldDiff-style reward for an IMAGE batch."""
 
+    DISPLAY_NAME = NODE
+
     DESCRIPTION = ("Scores every image of a batch with NudeNet v3 and shows a table on the node: the nudity score "
                    "(highest score of an unsafe-class detection), whether the image is unsafe under a published "
                    "threshold (RECE 0.6, UnlearnDiffAtk 0.45) or your own, the reward r = w_clip * cos(CLIP image, "

@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "safe_denoiser/erasure"
 EDIT_TYPE = "CONCEPT_EDIT"
-UCE_NODE = "Erase Concepts (UCE)"
-SAVE_NODE = "Save Concept-Erased Weights"
 KEY_FORMATS = ("diffusers", "ldm")
 CLIP_END_TOKEN = 49407
 DEFAULT_RIDGE = 1e-4
@@ -94,6 +92,7 @@ def _layer_keys(model: Any, edit_keys: bool) -> list[str]:
 
 
 class EraseConceptsUCE:
+    DISPLAY_NAME = "Erase Concepts (UCE)"
     DESCRIPTION = (
         "Erases concepts from a model in closed form, in seconds and without training (Unified Concept Editing, "
         "Gandikota et al. 2024): every cross-attention key/value projection W becomes W' = (sum v* c^T + lambda sum "
@@ -146,7 +145,7 @@ class EraseConceptsUCE:
 
     def erase(self, model, clip, concepts, guide_concepts, preserve_concepts, preserve_lambda, edit_keys,
               regularization=None):
-        node = UCE_NODE
+        node = self.DISPLAY_NAME
         regularization = DEFAULT_RIDGE if regularization is None else float(regularization)
         erase_list = split_concepts(concepts)
         if not erase_list:
@@ -230,7 +229,7 @@ class EraseConceptsUCE:
         }
         edit = ConceptEdit(bare, {k: names[k] for k in bare if k in names}, meta)
         lines = [
-            f"{UCE_NODE}: erased {', '.join(erase_list)} -> guides {', '.join(g or '(empty prompt)' for g in guides)}",
+            f"{node}: erased {', '.join(erase_list)} -> guides {', '.join(g or '(empty prompt)' for g in guides)}",
             f"layers: {len(keys)} cross-attention {'key and value' if edit_keys else 'value'} projections "
             f"(context {dim}, {context_family(dim)})",
             f"tokens: {erase_mat.shape[0]} erased, {op.preserve.shape[0]} preserved; "
@@ -247,6 +246,7 @@ class EraseConceptsUCE:
 
 
 class SaveConceptErasedWeights(SaveFileNode):
+    DISPLAY_NAME = "Save Concept-Erased Weights"
     DESCRIPTION = (
         "Writes the edited cross-attention projections of Erase Concepts (UCE) as a small .safetensors file in "
         f"models/{FOLDER_NAME}/ (32 tensors, about 38 MB for SD1.5 in fp16), with diffusers or LDM key names. "
@@ -267,7 +267,7 @@ class SaveConceptErasedWeights(SaveFileNode):
         }}
 
     def save(self, edit, filename, key_format, overwrite):
-        node = SAVE_NODE
+        node = self.DISPLAY_NAME
         if not isinstance(edit, ConceptEdit):
             raise NodeInputError(node, "edit must come from Erase Concepts (UCE) or Erase Concept (SDD).")
         if key_format not in KEY_FORMATS:
