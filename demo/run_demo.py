@@ -36,10 +36,11 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from devtools.comfy.locate import PACK_ROOT, comfyui_dir, installed_name, pack_name
+from devtools.comfy.server import ComfyServer, ServerError
+from devtools.comfy.ui_workflow import ui_to_api
+
 from . import console_logger, digits
-from .comfy_locate import PACK_ROOT, comfyui_dir, installed_name, pack_name
-from .comfy_server import ComfyServer, ServerError
-from .ui_workflow import ui_to_api
 
 log = logging.getLogger("demo.run_demo")
 
@@ -56,7 +57,7 @@ PROMPTS = ("any", str(digits.DEFAULT_NEGATED))
 
 class DemoError(RuntimeError):
     """The demo could not run (no ComfyUI, a workflow it cannot measure); the server's failures
-    raise :class:`demo.comfy_server.ServerError`."""
+    raise :class:`devtools.comfy.server.ServerError`."""
 
 
 # ------------------------------------------------------------------------------ the server

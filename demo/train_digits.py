@@ -41,8 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from devtools.comfy.locate import ENV_VAR, vendored_comfyui
+
 from . import digits
-from .comfy_locate import ENV_VAR, vendored_comfyui
 
 log = logging.getLogger("demo.train_digits")
 

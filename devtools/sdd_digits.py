@@ -29,7 +29,6 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=300)
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
-    from harness.locate import pack_module
     from harness.runtime import ComfySession
 
     import logging
@@ -41,7 +40,8 @@ def main() -> None:
     session.load_pack(test_nodes=False)
     import torch
 
-    digits = pack_module("digits")
+    from demo import digits
+
     nodes = session.nodes.NODE_CLASS_MAPPINGS
     model, vae = nodes["SDN_LoadDemoModel"]().load()
 

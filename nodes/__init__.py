@@ -41,19 +41,5 @@ NODE_CLASS_MAPPINGS = {
     "SDN_EraseConceptSDD": EraseConceptSDD,
 }
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "SDN_LoadNegationSet": "Load Negation Set",
-    "SDN_NegationSetFromImages": "Negation Set from Images",
-    "SDN_SaveNegationSet": "Save Negation Set",
-    "SDN_SafeDenoiserPatch": "Safe Denoiser (model patch)",
-    "SDN_SafeDenoiserKSampler": "Safe Denoiser KSampler",
-    "SDN_NudityRewardPreview": "Nudity Reward Preview",
-    "SDN_LoadConceptErasedModel": "Load Concept-Erased Model",
-    "SDN_EraseConceptsUCE": "Erase Concepts (UCE)",
-    "SDN_SaveConceptErasedWeights": "Save Concept-Erased Weights",
-    "SDN_LoadDemoModel": "Load Demo Model (digits)",
-    "SDN_DemoDigitConditioning": "Demo Digit Conditioning",
-    "SDN_SafeDenoiserReferenceSampler": "Safe Denoiser Reference Sampler",
-    "SDN_SafeDenoiserRestartSampler": "Safe Denoiser Restart Sampler",
-    "SDN_EraseConceptSDD": "Erase Concept (SDD)",
-}
+# Each node class carries its title once, as DISPLAY_NAME (also the name its error messages use).
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: cls.DISPLAY_NAME for node_id, cls in NODE_CLASS_MAPPINGS.items()}

@@ -13,8 +13,6 @@ uses them, never written to disk (a real folder of the same name in models/negat
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -27,6 +25,7 @@ import comfy.supported_models
 
 from ..demo import digits
 from .comfy_compat import NodeInputError
+from .files import LockedLRU, file_stamp
 from .negation_set import BuiltinSet, register_builtin_set
 
 log = logging.getLogger(__name__)
@@ -39,28 +38,22 @@ NODE_COND = "Demo Digit Conditioning"
 TRY_IT = ("For trying the pack without downloading a checkpoint: a tiny model of 64x64 handwritten digits that "
           "ships with the pack and runs on a CPU in seconds.")
 
-_LOCK = threading.Lock()
-_CACHE: dict[tuple, Any] = {}
+_CACHE = LockedLRU()
+"""The model and the conditioning table, keyed by what and the bundle's :func:`.files.file_stamp`."""
 
 
 def _bundle_key() -> tuple:
-    st = os.stat(digits.BUNDLE_PATH)
-    return (str(digits.BUNDLE_PATH), st.st_size, st.st_mtime_ns)
+    return file_stamp(str(digits.BUNDLE_PATH))
 
 
 def _checked_bundle(node: str) -> tuple:
-    """The bundle's cache key after its hash check; a clear NodeInputError if it fails. The SHA-256
-    runs once per file state (path, size, mtime), not on every node execution."""
+    """The bundle's cache key after its hash check (:func:`demo.digits.verify_bundle`, which runs the
+    SHA-256 once per file state); a clear NodeInputError if it fails."""
     try:
         key = _bundle_key()
-        with _LOCK:
-            if ("verified",) + key in _CACHE:
-                return key
         digits.verify_bundle()
     except (digits.BundleError, OSError) as err:
         raise NodeInputError(node, str(err)) from err
-    with _LOCK:
-        _CACHE[("verified",) + key] = True
     return key
 
 
@@ -71,9 +64,9 @@ def _torch_tensors(prefix: str) -> dict[str, torch.Tensor]:
 def load_demo_model(node: str = NODE_LOAD) -> tuple[Any, Any]:
     """``(ModelPatcher, comfy.sd.VAE)`` of the bundle; built once per bundle file, then shared."""
     key = ("model",) + _checked_bundle(node)
-    with _LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
+    cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
     meta = digits.read_metadata()
     unet_config = dict(meta["unet_config"])
     heads = {name: unet_config.pop(name) for name in ("num_heads", "num_head_channels")}
@@ -92,8 +85,7 @@ def load_demo_model(node: str = NODE_LOAD) -> tuple[Any, Any]:
                                                offload_device=offload)
     vae = comfy.sd.VAE(sd=_torch_tensors("vae."), config=meta["vae_config"])
     result = (patcher, vae)
-    with _LOCK:
-        _CACHE[key] = result
+    _CACHE.put(key, result)
     log.info("%s: loaded %s (%s)", node, digits.BUNDLE_PATH.name, meta.get("data_source", ""))
     return result
 
@@ -103,12 +95,7 @@ def context_for(prompt: str, node: str = NODE_COND) -> torch.Tensor:
     if prompt not in digits.PROMPTS:
         raise NodeInputError(node, f"digit {prompt!r} is not one of {', '.join(digits.PROMPTS)}.")
     key = ("embeddings",) + _checked_bundle(node)
-    with _LOCK:
-        table = _CACHE.get(key)
-    if table is None:
-        table = _torch_tensors("cond.")["embeddings"].to(torch.float32)
-        with _LOCK:
-            _CACHE[key] = table
+    table = _CACHE.get_or_build(key, lambda: _torch_tensors("cond.")["embeddings"].to(torch.float32))
     index = digits.NULL_CLASS if prompt == "any" else int(prompt)
     return table[index:index + 1].clone()
 
@@ -131,6 +118,7 @@ def register_demo_negation_sets() -> None:
 
 
 class LoadDemoModel:
+    DISPLAY_NAME = NODE_LOAD
     DESCRIPTION = (TRY_IT + " Outputs the MODEL (an SD1.5-family EPS UNet, class-conditional through "
                    "its cross-attention) and its VAE. Use it with Demo Digit Conditioning, an Empty Latent "
                    "Image of 64x64 px and Load Negation Set 'digits_7' (the training images of the digit 7, a "
@@ -152,6 +140,7 @@ class LoadDemoModel:
 
 
 class DemoDigitConditioning:
+    DISPLAY_NAME = NODE_COND
     DESCRIPTION = (TRY_IT + " The conditioning of the demo model: the learned context of one digit, or of "
                    "'any' digit (the unconditional context; use it as the negative, and as the positive to "
                    "sample every digit).")

@@ -30,9 +30,8 @@ import logging
 import os
 import pickle
 import struct
-import threading
 import zipfile
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -40,6 +39,8 @@ import psutil
 import safetensors
 import safetensors.torch
 import torch
+
+from .files import LockedLRU, OutsideRoot, confined, file_stamp, within
 
 log = logging.getLogger(__name__)
 
@@ -387,11 +388,10 @@ _WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
 
 def _inside(folder: str, name: str) -> str:
-    real = os.path.realpath(os.path.join(folder, name))
-    root = os.path.realpath(folder)
-    if os.path.commonpath([root, real]) != root:
-        raise WeightFormatError(f"'{name}' in {folder} points outside the folder; refused.")
-    return real
+    try:
+        return confined(folder, name)
+    except OutsideRoot as err:
+        raise WeightFormatError(f"'{name}' in {folder} points outside the folder; refused.") from err
 
 
 def weight_files(folder: str) -> list[str]:
@@ -522,16 +522,13 @@ def _read_source(path: str, te_mode: str) -> WeightSource:
 def source_fingerprint(path: str) -> tuple:
     """(path, size, mtime_ns) of the file, or of every file in the folder tree (depth <= 2)."""
     if os.path.isfile(path):
-        st = os.stat(path)
-        return ((path, st.st_size, st.st_mtime_ns),)
+        return (file_stamp(path),)
     entries = []
     for root, dirs, files in os.walk(path):
         depth = 0 if root == path else os.path.relpath(root, path).count(os.sep) + 1
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if depth < 2 else []
         for name in sorted(files):
-            full = os.path.join(root, name)
-            st = os.stat(full)
-            entries.append((full, st.st_size, st.st_mtime_ns))
+            entries.append(file_stamp(os.path.join(root, name)))
     return tuple(entries)
 
 
@@ -549,39 +546,36 @@ class SourceCache:
     bounded by the bytes of the tensors it holds.  Entries are immutable and shared."""
 
     def __init__(self, budget: Optional[Callable[[], int]] = None):
-        self._entries: OrderedDict[tuple, WeightSource] = OrderedDict()
-        self._lock = threading.Lock()
+        self._entries = LockedLRU()
         self._budget = budget or cache_budget_bytes
-        self.hits = 0
-        self.misses = 0
 
     def get(self, path: str, te_mode: str) -> tuple[WeightSource, bool]:
         """``(source, cached)``: the parsed entry, read now or taken from the cache."""
         key = (os.path.realpath(path), te_mode, source_fingerprint(path))
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return self._entries[key], True
+        cached = self._entries.get(key)
+        if cached is not None:
+            return cached, True
         source = _read_source(path, te_mode)
         budget = self._budget()
-        with self._lock:
-            self.misses += 1
-            stale = [k for k in self._entries if k[0] == key[0] and k[1] == te_mode]
-            for k in stale:  # the file changed: drop its old versions
-                del self._entries[k]
-            if source.nbytes <= budget:
-                self._entries[key] = source
-                while sum(s.nbytes for s in self._entries.values()) > budget:
-                    self._entries.popitem(last=False)
-            else:
-                log.info("not caching %s: %.0f MiB of tensors exceed the cache budget of %.0f MiB",
-                         path, source.nbytes / 2**20, budget / 2**20)
+        # the file changed: drop its old versions
+        self._entries.discard(lambda k: k[0] == key[0] and k[1] == te_mode)
+        if source.nbytes <= budget:
+            self._entries.put(key, source, over_budget=lambda values: sum(s.nbytes for s in values) > budget)
+        else:
+            log.info("not caching %s: %.0f MiB of tensors exceed the cache budget of %.0f MiB",
+                     path, source.nbytes / 2**20, budget / 2**20)
         return source, False
 
+    @property
+    def hits(self) -> int:
+        return self._entries.hits
+
+    @property
+    def misses(self) -> int:
+        return self._entries.misses
+
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -606,7 +600,7 @@ def list_entries(roots: Iterable[str], max_depth: int = 4) -> list[str]:
             keep_dirs = []
             for d in sorted(dirs):
                 full = os.path.join(current, d)
-                if d.startswith(".") or os.path.commonpath([base, os.path.realpath(full)]) != base:
+                if d.startswith(".") or not within(base, full):
                     continue
                 rel = os.path.relpath(full, root).replace(os.sep, "/")
                 if is_weights_folder(full):
@@ -618,7 +612,7 @@ def list_entries(roots: Iterable[str], max_depth: int = 4) -> list[str]:
             for f in sorted(files):
                 if f.startswith(".") or not f.lower().endswith(FILE_EXTENSIONS):
                     continue
-                if os.path.commonpath([base, os.path.realpath(os.path.join(current, f))]) != base:
+                if not within(base, os.path.join(current, f)):
                     continue  # a symlink leading outside the root: the loader would refuse it
                 rel = os.path.relpath(os.path.join(current, f), root).replace(os.sep, "/")
                 if rel not in names:

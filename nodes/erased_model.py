@@ -452,6 +452,22 @@ def apply_lora(model: Any, clip: Any, source: WeightSource, strength: float, te_
 # ------------------------------------------------------------------------------ main entry
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a parsed file holds (key groups) and whether its text-encoder weights are applied."""
+
+    groups: Counter
+    want_te: bool
+
+    @property
+    def total(self) -> int:
+        return sum(self.groups.values())
+
+    @property
+    def te_in_file(self) -> int:
+        return self.groups["te"] + self.groups["te_openclip"]
+
+
 def load_concept_erased(model: Any, clip: Any, name: str, strength: float, te_mode: str,
                         node: str = NODE) -> tuple[Any, Any, str]:
     """``(model', clip', report)``: ``name`` applied to clones of ``model`` / ``clip``.
@@ -467,48 +483,17 @@ def load_concept_erased(model: Any, clip: Any, name: str, strength: float, te_mo
     except WeightFormatError as err:
         raise NodeInputError(node, f"{name}: {err}") from err
     report = Report(f"{node}: {name}")
-    if receler_like(source.parts):
-        raise NodeInputError(node, f"{name} looks like Receler 'eraser' adapters: they are extra modules injected into "
-                                   "the UNet, not weights of the base model, and are not supported. Use a method that "
-                                   "publishes model weights (ESD, UCE, RECE, SDD, MACE, SalUn, AdvUnlearn).")
-    groups = Counter(cls.group for part in source.parts for cls in part.classes.values())
-    total = sum(groups.values())
+    groups = _key_groups(source, name, node)
     if groups["lora"]:
         new_model, new_clip = apply_lora(model, clip, source, strength, te_mode, node, report)
         report.add("strength", f"{strength:g}")
         report.add("cache", "hit" if cached else "miss (file read)")
         return new_model, new_clip, report.text()
-    te_in_file = groups["te"] + groups["te_openclip"]
-    if not groups["unet"] and not te_in_file:
-        examples = ", ".join(list(source.parts[0].classes)[:4]) if source.parts else ""
-        raise NodeInputError(node, f"{name}: unknown format: none of its {total} keys is a UNet, text-encoder or LoRA "
-                                   f"weight (e.g. {examples or 'no keys at all'}). Supported: ESD/UCE/RECE/SDD/MACE/"
-                                   "SalUn UNet weights (LDM or diffusers names), AdvUnlearn text encoders and LoRAs.")
-    want_te = te_mode == "apply" or (te_mode == "auto" and not groups["unet"])
-    if want_te and te_in_file and clip is None:
-        raise NodeInputError(node, f"{name} holds text-encoder weights (e.g. AdvUnlearn): connect the CLIP of your "
-                                   "checkpoint loader to the clip input, or set text_encoder to 'ignore'.")
-    if not want_te and te_in_file and not groups["unet"]:
-        raise NodeInputError(node, f"{name} holds only text-encoder weights and text_encoder is '{te_mode}'. Set it to "
-                                   "'auto' or 'apply' and connect the CLIP.")
-
-    unet = match_unet(model, source.parts, node)
-    te = match_text_encoder(clip, source.parts, node) if want_te and te_in_file else Matched()
-    model_sd = model.model_state_dict()
-    unet_keys = sum(1 for k in model_sd if k.startswith("diffusion_model."))
-    if unet.in_file and not unet.tensors:
-        raise NodeInputError(node, f"{name}: none of its {unet.in_file} UNet keys matches this model "
-                                   f"({model_label(model)}): wrong base model or architecture. "
-                                   f"({_counts(unet.skipped)})")
-    if unet.in_file and len(unet.tensors) < MIN_MATCH_FRACTION * unet.in_file:
-        raise NodeInputError(node, f"{name}: only {len(unet.tensors)} of its {unet.in_file} UNet keys exist in this "
-                                   f"model ({model_label(model)}): the weights are for another architecture. Connect "
-                                   "the base model they were made from.")
-    if te.in_file and not te.tensors:
-        raise NodeInputError(node, f"{name}: none of its {te.in_file} text-encoder keys matches the connected CLIP: "
-                                   f"wrong base model. ({_counts(te.skipped)})")
+    plan = _plan(source, groups, name, te_mode, clip, node)
+    unet, te = _matched_weights(model, clip, source, plan, name, node)
     casts: Counter = Counter()
     pbar = progress_bar(len(unet.tensors) + len(te.tensors))
+    model_sd = model.model_state_dict()
     unet_patches = check_and_cast(unet, model_sd, node, "model", casts, pbar)
     te_patches = (check_and_cast(te, clip.cond_stage_model.state_dict(), node, "CLIP", casts, pbar)
                   if te.tensors else {})
@@ -522,6 +507,69 @@ def load_concept_erased(model: Any, clip: Any, name: str, strength: float, te_mo
             new_clip = clip.clone()
             patched_te = new_clip.add_patches({k: (v,) for k, v in te_patches.items()}, strength, 1.0 - strength)
 
+    unet_keys = sum(1 for k in model_sd if k.startswith("diffusion_model."))
+    _fill_report(report, source, plan, te_mode, unet, te, (len(patched_unet), len(patched_te)), unet_keys, casts)
+    report.add("strength", _strength_text(strength))
+    report.add("cache", "hit (parsed file reused)" if cached else "miss (file read)")
+    text = report.text()
+    log.info("%s", text.replace("\n", " | "))
+    return new_model, new_clip, text
+
+
+def _key_groups(source: WeightSource, name: str, node: str) -> Counter:
+    """How many of the file's keys fall in each group (``unet``, ``te``, ``te_openclip``, ``lora``, ``ignored``,
+    ``unknown``); NodeInputError for Receler adapters, which are not model weights."""
+    if receler_like(source.parts):
+        raise NodeInputError(node, f"{name} looks like Receler 'eraser' adapters: they are extra modules injected into "
+                                   "the UNet, not weights of the base model, and are not supported. Use a method that "
+                                   "publishes model weights (ESD, UCE, RECE, SDD, MACE, SalUn, AdvUnlearn).")
+    return Counter(cls.group for part in source.parts for cls in part.classes.values())
+
+
+def _plan(source: WeightSource, groups: Counter, name: str, te_mode: str, clip: Any, node: str) -> _Plan:
+    """Whether the text-encoder weights are applied (``te_mode`` apply, or auto without UNet weights);
+    NodeInputError for a file with neither UNet nor text-encoder weights, text-encoder weights to apply without a
+    CLIP, or only text-encoder weights with ``te_mode`` ignore."""
+    plan = _Plan(groups, te_mode == "apply" or (te_mode == "auto" and not groups["unet"]))
+    if not groups["unet"] and not plan.te_in_file:
+        examples = ", ".join(list(source.parts[0].classes)[:4]) if source.parts else ""
+        raise NodeInputError(node, f"{name}: unknown format: none of its {plan.total} keys is a UNet, text-encoder or "
+                                   f"LoRA weight (e.g. {examples or 'no keys at all'}). Supported: ESD/UCE/RECE/SDD/"
+                                   "MACE/SalUn UNet weights (LDM or diffusers names), AdvUnlearn text encoders and "
+                                   "LoRAs.")
+    if plan.want_te and plan.te_in_file and clip is None:
+        raise NodeInputError(node, f"{name} holds text-encoder weights (e.g. AdvUnlearn): connect the CLIP of your "
+                                   "checkpoint loader to the clip input, or set text_encoder to 'ignore'.")
+    if not plan.want_te and plan.te_in_file and not groups["unet"]:
+        raise NodeInputError(node, f"{name} holds only text-encoder weights and text_encoder is '{te_mode}'. Set it to "
+                                   "'auto' or 'apply' and connect the CLIP.")
+    return plan
+
+
+def _matched_weights(model: Any, clip: Any, source: WeightSource, plan: _Plan, name: str,
+                     node: str) -> tuple[Matched, Matched]:
+    """``(unet, text encoder)``: the file's tensors under the model's and the CLIP's keys; NodeInputError when none
+    or too few (below :data:`MIN_MATCH_FRACTION`) of the file's UNet keys, or none of its text-encoder keys, match."""
+    unet = match_unet(model, source.parts, node)
+    te = match_text_encoder(clip, source.parts, node) if plan.want_te and plan.te_in_file else Matched()
+    if unet.in_file and not unet.tensors:
+        raise NodeInputError(node, f"{name}: none of its {unet.in_file} UNet keys matches this model "
+                                   f"({model_label(model)}): wrong base model or architecture. "
+                                   f"({_counts(unet.skipped)})")
+    if unet.in_file and len(unet.tensors) < MIN_MATCH_FRACTION * unet.in_file:
+        raise NodeInputError(node, f"{name}: only {len(unet.tensors)} of its {unet.in_file} UNet keys exist in this "
+                                   f"model ({model_label(model)}): the weights are for another architecture. Connect "
+                                   "the base model they were made from.")
+    if te.in_file and not te.tensors:
+        raise NodeInputError(node, f"{name}: none of its {te.in_file} text-encoder keys matches the connected CLIP: "
+                                   f"wrong base model. ({_counts(te.skipped)})")
+    return unet, te
+
+
+def _fill_report(report: Report, source: WeightSource, plan: _Plan, te_mode: str, unet: Matched, te: Matched,
+                 patched: tuple[int, int], unet_keys: int, casts: Counter) -> None:
+    """The report lines of a weight file applied: format, key spaces, keys matched and patched (``patched`` =
+    UNet, text-encoder patches added), content, skipped keys, casts, the architecture check."""
     containers = "; ".join(sorted({p.container for p in source.parts}))
     notes = [n for p in source.parts for n in p.notes] + list(source.notes)
     report.add("format", f"{source.kind} ({containers})" + (f"; {'; '.join(notes)}" if notes else ""))
@@ -530,24 +578,20 @@ def load_concept_erased(model: Any, clip: Any, name: str, strength: float, te_mo
         meta = source.metadata
         report.add("made by", f"{meta.get('method', '?')} (concepts: {meta.get('concepts', '?')}, "
                               f"guides: {meta.get('guides', '?')}, preserve: {meta.get('preserve', '?')})")
-    report.add("keys", f"{total} in the file; UNet {unet.in_file} in file / {len(unet.tensors)} matched / "
-                       f"{len(patched_unet)} patched; text encoder {te.in_file} in file / {len(te.tensors)} matched / "
-                       f"{len(patched_te)} patched")
+    report.add("keys", f"{plan.total} in the file; UNet {unet.in_file} in file / {len(unet.tensors)} matched / "
+                       f"{patched[0]} patched; text encoder {te.in_file} in file / {len(te.tensors)} matched / "
+                       f"{patched[1]} patched")
     if unet.tensors:
         report.add("content", _content(unet.tensors, unet_keys))
     skipped = unet.skipped + te.skipped
     ignored = Counter(cls.reason for part in source.parts for cls in part.classes.values() if cls.group == "ignored")
-    ignored["unknown keys"] = groups["unknown"]
-    if te_in_file and not want_te:
-        ignored[f"text-encoder weights not applied (text_encoder = {te_mode}; choose 'apply' to use them)"] = te_in_file
+    ignored["unknown keys"] = plan.groups["unknown"]
+    if plan.te_in_file and not plan.want_te:
+        ignored[f"text-encoder weights not applied (text_encoder = {te_mode}; choose 'apply' to use them)"] = \
+            plan.te_in_file
     report.add("skipped", _counts(+(skipped + ignored)) or "none")
     report.add("dtype", ", ".join(f"{n} tensors cast {what}" for what, n in casts.items()) or "no casts needed")
     ctx = [(tuple(unet.tensors[k].shape)[-1]) for k in unet.tensors if k.endswith("attn2.to_k.weight")]
     report.add("architecture check", f"ok ({len(unet.tensors) + len(te.tensors)} matched tensors have the base "
                                      f"weights' shapes" + (f"; cross-attention context {ctx[0]}, "
                                                             f"{context_family(ctx[0])}" if ctx else "") + ")")
-    report.add("strength", _strength_text(strength))
-    report.add("cache", "hit (parsed file reused)" if cached else "miss (file read)")
-    text = report.text()
-    log.info("%s", text.replace("\n", " | "))
-    return new_model, new_clip, text

@@ -14,6 +14,7 @@ CATEGORY = "safe_denoiser/erasure"
 
 
 class LoadConceptErasedModel:
+    DISPLAY_NAME = NODE
     DESCRIPTION = (
         "Applies published concept-erasure weights (ESD, UCE, RECE, SDD, MACE, SalUn, AdvUnlearn, or your own from "
         "Save Concept-Erased Weights) to the base model you connect, without converting them by hand. Accepts "

@@ -1,9 +1,7 @@
 """Image files -> the RGB picture a person sees, for every place the pack reads image files.
 
-Pillow opens many pixel layouts ("modes"); a plain ``convert("RGB")`` is only right for the 8-bit
-ones.  It clips 16- and 32-bit gray to 255 (a 16-bit gradient becomes almost white), ignores
-alpha (transparent pixels show whatever colour lies under them), and ignores ICC profiles (CMYK
-and wide-gamut photos shift colour).  :func:`decode_image` handles each mode explicitly:
+Pillow opens many pixel layouts ("modes"); :func:`decode_image` handles each explicitly (why not a
+plain ``convert("RGB")``: docs/design-history.md):
 
 * 8-bit layouts (``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``): Pillow's
   conversion; an embedded ICC profile is converted to sRGB with LittleCMS (``PIL.ImageCms``).

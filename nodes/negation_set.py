@@ -11,9 +11,7 @@ import hashlib
 import json
 import logging
 import os
-import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
@@ -29,6 +27,7 @@ from ..kernels.guidance import channel_normalise
 from .image_decode import (DECODE_VERSION, IMAGE_EXTENSIONS, ImageDecodeError, UnreadableImageError,
                            decode_image)
 from .comfy_compat import NodeInputError, check_interrupt, latent_format_key, process_in, progress_bar
+from .files import LockedLRU, file_stamp
 from .paths import atomic_save, register_model_folder, resolve_in_roots
 
 __all__ = ["atomic_save"]  # re-exported: negation_set_nodes imports it from here
@@ -121,10 +120,7 @@ class NegationSet:
             raise ValueError("negation latents contain NaN or infinite values")
         self.latents = latents.detach().to("cpu", torch.float32).contiguous()
         self.meta = dict(meta)
-        self.meta.setdefault("count", int(latents.shape[0]))
-        self.meta.setdefault("latent_channels", int(latents.shape[1]))
-        self._prepared: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._prepared = LockedLRU(MAX_PREPARED)
 
     def __deepcopy__(self, memo: dict) -> "NegationSet":
         return self  # immutable: share, never copy the tensors
@@ -154,18 +150,6 @@ class NegationSet:
             text += f"; decoded specially: {'; '.join(shown)}{more}"
         return text
 
-    def _memo(self, key: tuple, build):
-        with self._lock:
-            if key in self._prepared:
-                self._prepared.move_to_end(key)
-                return self._prepared[key]
-        value = build()
-        with self._lock:
-            self._prepared[key] = value
-            while len(self._prepared) > MAX_PREPARED:
-                self._prepared.popitem(last=False)
-        return value
-
     def sampling_latents(self, latent_format: Any, height: int, width: int) -> torch.Tensor:
         """``[N, C, height, width]`` float32 CPU latents in the model's sampling space."""
 
@@ -177,7 +161,7 @@ class NegationSet:
                 lat = F.interpolate(lat, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
             return lat.contiguous()
 
-        return self._memo(("sampling", latent_format_key(latent_format), height, width), build)
+        return self._prepared.get_or_build(("sampling", latent_format_key(latent_format), height, width), build)
 
     def prepared(self, latent_format: Any, height: int, width: int, device: torch.device,
                  dtype: torch.dtype, variant: str = "paper") -> PreparedNegation:
@@ -200,11 +184,11 @@ class NegationSet:
                                     ref_mean=ref_mean, ref_var=ref_var)
 
         key = ("prepared", latent_format_key(latent_format), height, width, str(device), str(dtype), variant)
-        return self._memo(key, build)
+        return self._prepared.get_or_build(key, build)
 
     def memo(self, key: tuple, build):
         """Memoise another derived value (e.g. a calibrated threshold) on this set."""
-        return self._memo(("extra",) + key, build)
+        return self._prepared.get_or_build(("extra",) + key, build)
 
 
 # ------------------------------------------------------------------------------ names & paths
@@ -245,30 +229,29 @@ def resolve_set(name: str, node: str) -> str:
     return resolve_in_roots(rel, roots, node, what="negation set", fix=fix)
 
 
-def fingerprint_entry(name: str) -> str:
-    """Cheap change marker for IS_CHANGED: (file, size, mtime) of the set's files."""
+def fingerprint_entry(name: str, node: str) -> str:
+    """Cheap change marker for IS_CHANGED: (file, size, mtime) of the set's files (a name that does
+    not resolve gives the error ``node``'s message would show)."""
     builtin = builtin_set(name)
     if builtin is not None:
         return f"builtin:{name}:{builtin.fingerprint()}"
     try:
-        path = resolve_set(name, "Load Negation Set")
+        path = resolve_set(name, node)
     except NodeInputError as err:
         return f"error:{err}"
     if os.path.isfile(path):
-        st = os.stat(path)
-        return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        return ":".join(str(v) for v in file_stamp(path))
     parts = []
     for file in image_files(path):
-        st = os.stat(file)
-        parts.append(f"{os.path.basename(file)}:{st.st_size}:{st.st_mtime_ns}")
+        _, size, mtime_ns = file_stamp(file)
+        parts.append(f"{os.path.basename(file)}:{size}:{mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------ hashing
 
 
-_FILE_HASHES: dict[tuple, str] = {}
-_FILE_HASHES_LOCK = threading.Lock()
+_FILE_HASHES = LockedLRU()
 _VAE_FINGERPRINTS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
 
@@ -284,19 +267,15 @@ def image_files(folder: str) -> list[str]:
 
 def file_sha256(path: str) -> str:
     """Content hash of a file, memoised on (path, size, mtime_ns)."""
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    with _FILE_HASHES_LOCK:
-        if key in _FILE_HASHES:
-            return _FILE_HASHES[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    digest = h.hexdigest()
-    with _FILE_HASHES_LOCK:
-        _FILE_HASHES[key] = digest
-    return digest
+
+    def digest() -> str:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    return _FILE_HASHES.get_or_build(file_stamp(path), digest)
 
 
 def vae_fingerprint(vae: Any) -> str:
@@ -343,8 +322,7 @@ def fit_pixels(pixels: np.ndarray, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.clip(np.stack(fitted, -1), 0.0, 1.0))
 
 
-_BUILTIN_ENCODED: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_BUILTIN_LOCK = threading.Lock()
+_BUILTIN_ENCODED = LockedLRU(MAX_PREPARED)
 
 
 def load_builtin_set(entry: BuiltinSet, vae: Any, resolution: int, max_images: int, node: str) -> NegationSet:
@@ -353,15 +331,12 @@ def load_builtin_set(entry: BuiltinSet, vae: Any, resolution: int, max_images: i
         raise NodeInputError(node, f"'{entry.name}' is a built-in set of images: connect a VAE (for the digits "
                                    "demo: the vae output of Load Demo Model).")
     key = (entry.name, entry.fingerprint(), vae_fingerprint(vae), resolution)
-    with _BUILTIN_LOCK:
-        latents = _BUILTIN_ENCODED.get(key)
-    if latents is None:
+
+    def encoded() -> torch.Tensor:
         images = torch.stack([fit_pixels(image, resolution) for image in entry.images()], 0)
-        latents = encode_batches(vae, images.split(4), images.shape[0])
-        with _BUILTIN_LOCK:
-            _BUILTIN_ENCODED[key] = latents
-            while len(_BUILTIN_ENCODED) > MAX_PREPARED:
-                _BUILTIN_ENCODED.popitem(last=False)
+        return encode_batches(vae, images.split(4), images.shape[0])
+
+    latents = _BUILTIN_ENCODED.get_or_build(key, encoded)
     if max_images > 0:
         latents = latents[:max_images]
     return NegationSet(latents.clone(), {"name": entry.name, "source": entry.source, "images": int(latents.shape[0]),

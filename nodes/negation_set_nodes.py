@@ -42,6 +42,7 @@ class NegationSetSource:
 
 
 class LoadNegationSet(NegationSetSource):
+    DISPLAY_NAME = "Load Negation Set"
     SEARCH_ALIASES = ["negative image", "negation set", "nsfw", "unsafe images", "safe denoiser"]
     DESCRIPTION = ("Loads a negation set: latents of images whose content the Safe Denoiser should avoid. A folder of "
                    "images is encoded with the connected VAE (batched, with progress) and cached next to the images, "
@@ -68,16 +69,16 @@ class LoadNegationSet(NegationSetSource):
 
     @classmethod
     def IS_CHANGED(cls, set_name, **kwargs):
-        return fingerprint_entry(set_name)
+        return fingerprint_entry(set_name, cls.DISPLAY_NAME)
 
     @classmethod
     def VALIDATE_INPUTS(cls, set_name):
         if builtin_set(set_name) is not None:
             return True
-        return validation_message(resolve_set, set_name, "Load Negation Set")
+        return validation_message(resolve_set, set_name, cls.DISPLAY_NAME)
 
     def load(self, set_name, resolution, max_images, vae=None):
-        node = "Load Negation Set"
+        node = self.DISPLAY_NAME
         builtin = builtin_set(set_name)
         path = "" if builtin is not None else resolve_set(set_name, node)
         if builtin is not None:
@@ -95,6 +96,7 @@ class LoadNegationSet(NegationSetSource):
 
 
 class NegationSetFromImages(NegationSetSource):
+    DISPLAY_NAME = "Negation Set from Images"
     SEARCH_ALIASES = ["negative image", "negation set", "images to avoid"]
     DESCRIPTION = ("Builds a negation set from an IMAGE batch already in the graph (e.g. Load Image outputs) and a "
                    "VAE. Not cached: for large sets use a folder with Load Negation Set.")
@@ -112,7 +114,7 @@ class NegationSetFromImages(NegationSetSource):
         }}
 
     def build(self, images, vae, resolution, name):
-        node = "Negation Set from Images"
+        node = self.DISPLAY_NAME
         images = rgb_image_batch(images, node, 8, "the VAE needs at least 8x8 pixels.")
         if resolution > 0:
             images = resize_images(images, int(resolution))
@@ -123,6 +125,7 @@ class NegationSetFromImages(NegationSetSource):
 
 
 class SaveNegationSet(SaveFileNode):
+    DISPLAY_NAME = "Save Negation Set"
     DESCRIPTION = ("Writes a negation set as a .safetensors file of latents into models/negation_sets/, so it can be "
                    "shared without the images and loaded with Load Negation Set without a VAE.")
     SEARCH_ALIASES = ["negation set", "save latents"]
@@ -137,7 +140,7 @@ class SaveNegationSet(SaveFileNode):
         }}
 
     def save(self, negation_set, filename, overwrite):
-        node = "Save Negation Set"
+        node = self.DISPLAY_NAME
         if not isinstance(negation_set, NegationSet):
             raise NodeInputError(node, "negation_set must come from a negation set node.")
         path = output_path(FOLDER_NAME, filename, overwrite, node)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -207,6 +208,108 @@ def _number(value: float) -> float:
     return float(value) + 0.0  # no "-0.0" in reports
 
 
+# ------------------------------------------------------------------------------ the node's steps
+
+def _decision_settings(preset: str, threshold: float, unsafe_classes: str, censor: str,
+                       fill_color: str) -> tuple[float, tuple[str, ...], Any]:
+    """``(threshold, unsafe classes, fill colour)`` in force (:func:`_settings`); NodeInputError for an unknown
+    censor mode or a fill colour that does not parse."""
+    thr, classes = _settings(preset, threshold, unsafe_classes)
+    if censor not in CENSOR_MODES:
+        raise NodeInputError(NODE, f"unknown censor mode {censor!r}; choose one of {CENSOR_MODES}.")
+    try:
+        color = parse_color(fill_color)
+    except ValueError as exc:
+        raise NodeInputError(NODE, f"fill_color: {exc}.") from None
+    return thr, classes, color
+
+
+def _clip_term(clip_vision: Any, clip: Any, prompt: str) -> bool:
+    """Whether the reward has its CLIP term (clip_vision connected); NodeInputError when clip_vision comes without
+    clip or without a prompt."""
+    use_clip = clip_vision is not None
+    if use_clip and clip is None:
+        raise NodeInputError(NODE, "clip_vision is connected but clip is not: connect the CLIP text encoder of the "
+                                   "same CLIP model (or disconnect clip_vision to score nudity only).")
+    if use_clip and not prompt.strip():
+        raise NodeInputError(NODE, "clip_vision is connected but prompt is empty: write the prompt the images "
+                                   "were generated from (or disconnect clip_vision).")
+    if clip is not None and not use_clip:
+        log.info("%s: clip is connected without clip_vision; the CLIP term is left out", NODE)
+    return use_clip
+
+
+def _detect(detector: Detector, rgb: torch.Tensor, clip_vision: Any, clip: Any, prompt: str,
+            use_clip: bool) -> tuple[list[list[dict[str, Any]]], Optional[torch.Tensor], Optional[str]]:
+    """``(detections per image, CLIP similarities [B] or None, CLIP warning or None)`` for ``rgb`` ``[B, H, W, 3]``,
+    with a progress bar (one tick per image and pass) and Cancel checked between chunks."""
+    pbar = progress_bar(int(rgb.shape[0]) * (2 if use_clip else 1))
+
+    def step(n: int) -> None:
+        pbar.update(n)
+        check_interrupt()
+
+    check_interrupt()
+    detections = detect_images(detector, rgb, on_chunk=step)
+    sims, clip_warning = (clip_similarities(clip_vision, clip, prompt, rgb, step) if use_clip else (None, None))
+    return detections, sims, clip_warning
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Per image (``[B]``): nudity score, unsafe decision, reward; per detection (``[B, D]``): unsafe flags; the
+    CLIP similarities (``[B]`` or None)."""
+
+    nudity: torch.Tensor
+    unsafe: torch.Tensor
+    flagged: torch.Tensor
+    reward: torch.Tensor
+    sims: Optional[torch.Tensor]
+
+    @classmethod
+    def of(cls, detections: list[list[dict[str, Any]]], classes: tuple[str, ...], thr: float,
+           sims: Optional[torch.Tensor], w_clip: float, w_nude: float) -> _Scores:
+        """The :mod:`kernels.reward` quantities; NodeInputError when a label is not one of NudeNet v3's."""
+        table = unsafe_table(classes)
+        try:
+            dets = DetectionBatch.from_lists(detections)
+        except ValueError as exc:
+            raise NodeInputError(NODE, f"{exc}: the model's labels are not NudeNet v3's.") from None
+        nudity = nudity_scores(dets, table)
+        return cls(nudity, is_unsafe(dets, table, thr), unsafe_detections(dets, table, thr),
+                   shielddiff_reward(nudity, sims, w_clip, w_nude), sims)
+
+
+def _per_image(rgb: torch.Tensor, detections: list[list[dict[str, Any]]], scores: _Scores, censor: str, color: Any,
+               class_set: frozenset[str]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict], list[dict]]:
+    """``(censored images, previews, table rows, JSON reports)``, one of each per image (``[H, W, 3]`` tensors;
+    detections in the reports sorted by score, the rows keep the first :data:`TOP_DETECTIONS`)."""
+    out_images, previews, rows, reports = [], [], [], []
+    for b in range(int(rgb.shape[0])):
+        flags = [bool(f) for f in scores.flagged[b, :len(detections[b])]]
+        boxes = [d["box"] for d, f in zip(detections[b], flags) if f]
+        out = censor_image(rgb[b], boxes, censor, color)
+        out_images.append(out)
+        previews.append(annotate(out, detections[b], flags, class_set))
+        ordered = sorted(zip(detections[b], flags), key=lambda item: -item[0]["score"])
+        report = {
+            "index": b,
+            "width": int(rgb.shape[2]),
+            "height": int(rgb.shape[1]),
+            "nudity": float(scores.nudity[b]),
+            "is_unsafe": bool(scores.unsafe[b]),
+            "clip_similarity": None if scores.sims is None else float(scores.sims[b]),
+            "reward": _number(scores.reward[b]),
+            "detections": [{"class": d["class"], "score": float(d["score"]), "box": [int(v) for v in d["box"]],
+                            "unsafe_class": d["class"] in class_set, "unsafe": f} for d, f in ordered],
+        }
+        reports.append(report)
+        rows.append({"index": b, "nudity": report["nudity"], "unsafe": report["is_unsafe"],
+                     "reward": report["reward"], "clip": report["clip_similarity"],
+                     "top": [[d["class"], d["score"], d["unsafe"]] for d in report["detections"][:TOP_DETECTIONS]]})
+    return out_images, previews, rows, reports
+
+
 # ------------------------------------------------------------------------------ the node
 
 DEFAULT_CLASSES = "*_EXPOSED"
@@ -242,6 +345,8 @@ TOOLTIPS = {
 
 class NudityRewardPreview:
     """NudeNet nudity scores, unsafe flags and a ShieldDiff-style reward for an IMAGE batch."""
+
+    DISPLAY_NAME = NODE
 
     DESCRIPTION = ("Scores every image of a batch with NudeNet v3 and shows a table on the node: the nudity score "
                    "(highest score of an unsafe-class detection), whether the image is unsafe under a published "
@@ -293,71 +398,14 @@ class NudityRewardPreview:
 
     def run(self, images, model, inference_resolution, preset, threshold, unsafe_classes, censor, fill_color,
             w_clip, w_nude, device, clip_vision=None, clip=None, prompt=""):
-        thr, classes = _settings(preset, threshold, unsafe_classes)
-        if censor not in CENSOR_MODES:
-            raise NodeInputError(NODE, f"unknown censor mode {censor!r}; choose one of {CENSOR_MODES}.")
-        try:
-            color = parse_color(fill_color)
-        except ValueError as exc:
-            raise NodeInputError(NODE, f"fill_color: {exc}.") from None
+        thr, classes, color = _decision_settings(preset, threshold, unsafe_classes, censor, fill_color)
         rgb = prepare_images(images)
-        use_clip = clip_vision is not None
         prompt = prompt or ""
-        if use_clip and clip is None:
-            raise NodeInputError(NODE, "clip_vision is connected but clip is not: connect the CLIP text encoder of the "
-                                       "same CLIP model (or disconnect clip_vision to score nudity only).")
-        if use_clip and not prompt.strip():
-            raise NodeInputError(NODE, "clip_vision is connected but prompt is empty: write the prompt the images "
-                                       "were generated from (or disconnect clip_vision).")
-        if clip is not None and not use_clip:
-            log.info("%s: clip is connected without clip_vision; the CLIP term is left out", NODE)
+        use_clip = _clip_term(clip_vision, clip, prompt)
         detector = self._detector(model, int(inference_resolution), device)
-
-        batch = int(rgb.shape[0])
-        pbar = progress_bar(batch * (2 if use_clip else 1))
-
-        def step(n: int) -> None:
-            pbar.update(n)
-            check_interrupt()
-
-        check_interrupt()
-        detections = detect_images(detector, rgb, on_chunk=step)
-        sims, clip_warning = (clip_similarities(clip_vision, clip, prompt, rgb, step) if use_clip else (None, None))
-
-        table = unsafe_table(classes)
-        try:
-            dets = DetectionBatch.from_lists(detections)
-        except ValueError as exc:
-            raise NodeInputError(NODE, f"{exc}: the model's labels are not NudeNet v3's.") from None
-        nudity = nudity_scores(dets, table)
-        unsafe = is_unsafe(dets, table, thr)
-        flagged = unsafe_detections(dets, table, thr)
-        reward = shielddiff_reward(nudity, sims, w_clip, w_nude)
-
-        class_set = frozenset(classes)
-        out_images, previews, rows, reports = [], [], [], []
-        for b in range(batch):
-            flags = [bool(f) for f in flagged[b, :len(detections[b])]]
-            boxes = [d["box"] for d, f in zip(detections[b], flags) if f]
-            out = censor_image(rgb[b], boxes, censor, color)
-            out_images.append(out)
-            previews.append(annotate(out, detections[b], flags, class_set))
-            ordered = sorted(zip(detections[b], flags), key=lambda item: -item[0]["score"])
-            report = {
-                "index": b,
-                "width": int(rgb.shape[2]),
-                "height": int(rgb.shape[1]),
-                "nudity": float(nudity[b]),
-                "is_unsafe": bool(unsafe[b]),
-                "clip_similarity": None if sims is None else float(sims[b]),
-                "reward": _number(reward[b]),
-                "detections": [{"class": d["class"], "score": float(d["score"]), "box": [int(v) for v in d["box"]],
-                                "unsafe_class": d["class"] in class_set, "unsafe": f} for d, f in ordered],
-            }
-            reports.append(report)
-            rows.append({"index": b, "nudity": report["nudity"], "unsafe": report["is_unsafe"],
-                         "reward": report["reward"], "clip": report["clip_similarity"],
-                         "top": [[d["class"], d["score"], d["unsafe"]] for d in report["detections"][:TOP_DETECTIONS]]})
+        detections, sims, clip_warning = _detect(detector, rgb, clip_vision, clip, prompt, use_clip)
+        scores = _Scores.of(detections, classes, thr, sims, w_clip, w_nude)
+        out_images, previews, rows, reports = _per_image(rgb, detections, scores, censor, color, frozenset(classes))
         settings = {
             "model": model, "inference_resolution": detector.resolution, "providers": list(detector.providers),
             "preset": preset, "threshold": thr, "unsafe_classes": list(classes), "censor": censor,
@@ -367,9 +415,10 @@ class NudityRewardPreview:
         text = json.dumps({**settings, "images": reports})
         ui_images = _save_previews(torch.stack(previews))
         ui = {"images": ui_images, UI_KEY: rows, UI_SETTINGS_KEY: [settings]}
-        result = (torch.stack(out_images), [float(v) for v in nudity], [bool(v) for v in unsafe],
-                  [_number(v) for v in reward], text)
-        log.info("%s: %d image(s), %d unsafe (%s, threshold %.2f)", NODE, batch, int(unsafe.sum()), preset, thr)
+        result = (torch.stack(out_images), [float(v) for v in scores.nudity], [bool(v) for v in scores.unsafe],
+                  [_number(v) for v in scores.reward], text)
+        log.info("%s: %d image(s), %d unsafe (%s, threshold %.2f)", NODE, int(rgb.shape[0]), int(scores.unsafe.sum()),
+                 preset, thr)
         return {"ui": ui, "result": result}
 
     @staticmethod

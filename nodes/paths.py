@@ -1,5 +1,5 @@
 """File-system helpers shared by the node modules: model-folder registration, resolving a
-dropdown entry inside its allowed roots, cheap change fingerprints, atomic writes and the
+dropdown entry inside its allowed roots (:func:`.files.confined`), atomic writes and the
 declarations shared by the Save nodes (:class:`SaveFileNode`).
 
 Rules (CONTRIBUTING.md): paths never escape their roots (no absolute paths, no ``..``, no
@@ -20,6 +20,7 @@ import torch
 import folder_paths
 
 from .comfy_compat import NodeInputError
+from .files import OutsideRoot, confined
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,11 @@ def inside_root(root: str, rel: str, node: str, what: str = "the entry",
                 fix: str = "Put the files inside the folder itself.") -> Optional[str]:
     """``root/rel`` resolved (symlinks followed), or None when absent; raises
     :class:`NodeInputError` when the resolved path escapes ``root``."""
-    real_root = os.path.realpath(root)
-    candidate = os.path.realpath(os.path.join(real_root, rel))
-    if os.path.commonpath([real_root, candidate]) != real_root:
-        raise NodeInputError(node, f"{what} '{rel}' resolves outside {real_root} (a '..' or a symlink "
-                                   f"pointing elsewhere). {fix}")
+    try:
+        candidate = confined(root, rel)
+    except OutsideRoot as err:
+        raise NodeInputError(node, f"{what} '{rel}' resolves outside {err.root} (a '..' or a symlink "
+                                   f"pointing elsewhere). {fix}") from err
     return candidate if os.path.exists(candidate) else None
 
 

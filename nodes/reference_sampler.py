@@ -106,6 +106,8 @@ def sample_safe_reference(model: Any, x: torch.Tensor, sigmas: torch.Tensor, ext
 class SafeDenoiserReferenceSampler:
     """NEGATION_SET -> SAMPLER reproducing the official Safe Denoiser procedure."""
 
+    DISPLAY_NAME = NODE
+
     DESCRIPTION = ("A SAMPLER for SamplerCustom / SamplerCustomAdvanced that reproduces the official Safe Denoiser "
                    "release step for step: DDPM steps; inside DDPM timesteps 780-1000, where the official gate is "
                    "open, the denoised estimate is corrected (x0 - 0.33 x kernel mean), re-noised to the same step "

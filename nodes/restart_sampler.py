@@ -211,6 +211,8 @@ def restart_ksampler(model: Any, seed: int, steps: int, cfg: float, sampler_name
 class SafeDenoiserRestartSampler:
     """SAMPLER + NEGATION_SET -> SAMPLER that samples again what the negation set claims."""
 
+    DISPLAY_NAME = NODE
+
     DESCRIPTION = ("Wraps any sampler for SamplerCustom / SamplerCustomAdvanced: while sampling, each image's noisy "
                    "state is tested against the negation set (a kernel density test calibrated on the set itself at "
                    "every noise level); an image the set claims is sampled again from fresh noise, up to max_restarts "

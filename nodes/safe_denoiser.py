@@ -32,8 +32,6 @@ from typing import Any, Optional
 
 import torch
 
-import comfy.samplers
-
 from ..kernels.guidance import (
     ReferenceGate,
     beta_estimate,
@@ -386,6 +384,35 @@ def guidance_inputs() -> dict:
     }
 
 
+#: The pack's tooltips and options over ComfyUI's KSampler inputs: the same on every ComfyUI (O's KSampler
+#: has no tooltips; N's are replaced so the help page and locales do not depend on the version), the
+#: negative input's tooltip names the negation set, and the seed keeps its control widget on O.
+KSAMPLER_OPTIONS: dict[str, dict] = {
+    "model": {"tooltip": "The model used for denoising the input latent."},
+    "seed": {"control_after_generate": True, "tooltip": "The random seed used for creating the noise."},
+    "steps": {"tooltip": "The number of denoising steps."},
+    "cfg": {"tooltip": "Classifier-free guidance scale."},
+    "sampler_name": {"tooltip": "The sampling algorithm."},
+    "scheduler": {"tooltip": "The noise schedule."},
+    "positive": {"tooltip": "What to include in the image."},
+    "negative": {"tooltip": "What to exclude from the image (text-based; the negation set acts on the image content "
+                            "itself)."},
+    "latent_image": {"tooltip": "The latent image to denoise."},
+    "denoise": {"tooltip": "The amount of denoising (lower keeps more of the input latent)."},
+}
+
+
+def ksampler_inputs() -> dict:
+    """ComfyUI's own KSampler inputs (``nodes.KSampler.INPUT_TYPES()["required"]``: types, defaults, ranges,
+    the sampler and scheduler lists of this ComfyUI), each with :data:`KSAMPLER_OPTIONS` laid over its options."""
+    import nodes as comfy_nodes  # ComfyUI's nodes.py (absolute import, not this package)
+
+    out = {}
+    for name, spec in comfy_nodes.KSampler.INPUT_TYPES()["required"].items():
+        options = {**(spec[1] if len(spec) > 1 else {}), **KSAMPLER_OPTIONS.get(name, {})}
+        out[name] = (spec[0], options)
+    return out
+
 def settings_from(kwargs: dict) -> GuidanceSettings:
     return GuidanceSettings(mode=kwargs["mode"], strength=float(kwargs["strength"]), bandwidth=float(kwargs["bandwidth"]),
                             start_percent=float(kwargs["start_percent"]), end_percent=float(kwargs["end_percent"]),
@@ -394,6 +421,8 @@ def settings_from(kwargs: dict) -> GuidanceSettings:
 
 class SafeDenoiserPatch:
     """MODEL + NEGATION_SET -> MODEL with the Safe Denoiser hooks (works with any sampler node)."""
+
+    DISPLAY_NAME = "Safe Denoiser (model patch)"
 
     DESCRIPTION = ("Makes any sampler avoid the content of a negation set (training-free safe denoiser, Kim et al. "
                    "NeurIPS 2025): at every step the model's denoised estimate is corrected with a kernel-weighted "
@@ -411,16 +440,17 @@ class SafeDenoiserPatch:
                              **guidance_inputs()}}
 
     def patch(self, model, **kwargs):
-        return (patch_model(model, kwargs.pop("negation_set"), settings_from(kwargs), "Safe Denoiser (model patch)"),)
+        return (patch_model(model, kwargs.pop("negation_set"), settings_from(kwargs), self.DISPLAY_NAME),)
 
 
-KSAMPLER_NODE = "Safe Denoiser KSampler"
 DEFAULT_KSAMPLER_RESTARTS = 4
 """The KSampler node's restarts: the correction plus the Restart Sampler's test (README's table)."""
 
 
 class SafeDenoiserKSampler:
     """KSampler with the Safe Denoiser built in (the correction, and restarts of what the set claims)."""
+
+    DISPLAY_NAME = "Safe Denoiser KSampler"
 
     DESCRIPTION = ("A KSampler that steers generation away from a negation set (training-free safe denoiser, "
                    "Kim et al. NeurIPS 2025). Same inputs as KSampler plus the negation set and the guidance "
@@ -437,23 +467,7 @@ class SafeDenoiserKSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
-                             "tooltip": "The random seed used for creating the noise."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "The number of denoising steps."}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale."}),
-            "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampling algorithm."}),
-            "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The noise schedule."}),
-            "positive": ("CONDITIONING", {"tooltip": "What to include in the image."}),
-            "negative": ("CONDITIONING", {"tooltip": "What to exclude from the image (text-based; the negation set "
-                                                     "acts on the image content itself)."}),
-            "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                  "tooltip": "The amount of denoising (lower keeps more of the input latent)."}),
-            **guidance_inputs(),
-        }, "optional": {
+        return {"required": {**ksampler_inputs(), **guidance_inputs()}, "optional": {
             "max_restarts": ("INT", {"default": DEFAULT_KSAMPLER_RESTARTS, "min": 0, "max": 64, "tooltip":
                              "Images the negation set still claims while sampling are sampled again from fresh noise, "
                              "up to this many times (the Safe Denoiser Restart Sampler's test at its defaults; images "
@@ -467,7 +481,7 @@ class SafeDenoiserKSampler:
         import nodes as comfy_nodes  # ComfyUI's nodes.py (absolute import, not this package)
 
         negation = kwargs.pop("negation_set")
-        patched, hook = patch_model_with_hook(model, negation, settings_from(kwargs), KSAMPLER_NODE)
+        patched, hook = patch_model_with_hook(model, negation, settings_from(kwargs), self.DISPLAY_NAME)
         if int(max_restarts) <= 0:
             (latent,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                     negative, latent_image, denoise=denoise)
@@ -475,7 +489,7 @@ class SafeDenoiserKSampler:
         from . import restart_sampler  # imports this module: not at the top
 
         guide = restart_sampler.RestartGuide(negation, restart_sampler.RestartSettings(max_restarts=int(max_restarts)),
-                                             KSAMPLER_NODE)
+                                             self.DISPLAY_NAME)
         latent, restarts = restart_sampler.restart_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                             negative, latent_image, denoise, guide)
         return latent, hook.report.finish() + "\n" + restarts

@@ -306,6 +306,7 @@ def _result(model: Any, trained: list[str], t_params: dict[str, torch.Tensor], s
 
 
 class EraseConceptSDD:
+    DISPLAY_NAME = NODE
     DESCRIPTION = ("Erases a concept from your model by safe self-distillation (SDD, Kim et al. 2023): the model's "
                    "noise prediction for the concept is trained to match its own unconditional prediction on "
                    "images its EMA teacher draws of that concept, so the concept becomes as rare as it is without "

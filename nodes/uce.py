@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from ..kernels.uce import (
+    UCEOperator,
     align_tokens,
     apply_operator,
     erase_residuals,
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 CATEGORY = "safe_denoiser/erasure"
 EDIT_TYPE = "CONCEPT_EDIT"
-UCE_NODE = "Erase Concepts (UCE)"
-SAVE_NODE = "Save Concept-Erased Weights"
 KEY_FORMATS = ("diffusers", "ldm")
 CLIP_END_TOKEN = 49407
 DEFAULT_RIDGE = 1e-4
@@ -93,7 +92,124 @@ def _layer_keys(model: Any, edit_keys: bool) -> list[str]:
     return sorted(k for k in model.model_state_dict() if k.startswith("diffusion_model.") and k.endswith(suffixes))
 
 
+def _concept_lists(node: str, concepts: str, guide_concepts: str,
+                   preserve_concepts: str) -> tuple[list[str], list[str], list[str]]:
+    """``(erase, guides, preserve)``: the concept texts, one guide per erased concept (an empty guide = the empty
+    prompt). Raises NodeInputError for no concept, a guide count other than 0, 1 or one per concept, or a concept
+    both erased and preserved."""
+    erase_list = split_concepts(concepts)
+    if not erase_list:
+        raise NodeInputError(node, "no concept to erase: write at least one, e.g. 'nudity'.")
+    guides = split_concepts(guide_concepts)
+    if not guides:
+        guides = [""] * len(erase_list)
+    elif len(guides) == 1:
+        guides = guides * len(erase_list)
+    elif len(guides) != len(erase_list):
+        raise NodeInputError(node, f"{len(guides)} guide concepts for {len(erase_list)} concepts: give none, one, "
+                                   "or one per concept (in the same order).")
+    preserve = split_concepts(preserve_concepts)
+    overlap = sorted(set(preserve) & set(erase_list))
+    if overlap:
+        raise NodeInputError(node, f"{', '.join(overlap)} is both erased and preserved; remove it from one list.")
+    return erase_list, guides, preserve
+
+
+def _checked_layer_keys(node: str, model: Any, clip: Any, edit_keys: bool) -> list[str]:
+    """The cross-attention projections to edit (:func:`_layer_keys`); NodeInputError for a clip that is not a
+    ComfyUI CLIP or a model without attn2 projections."""
+    if not hasattr(clip, "tokenize") or not hasattr(clip, "encode_from_tokens"):
+        raise NodeInputError(node, f"the clip input is a {type(clip).__name__}, not a ComfyUI CLIP.")
+    keys = _layer_keys(model, edit_keys)
+    if not keys:
+        raise NodeInputError(node, f"{model_label(model)} has no cross-attention (attn2) projections: UCE "
+                                   "edits UNet models (SD1.x, SD2.x, SDXL).")
+    return keys
+
+
+def _token_rows(node: str, clip: Any, erase_list: list[str], guides: list[str],
+                preserve: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(erase [T, d], guide [T, d], preserve [P, d] or None)`` float64 token rows: each erased concept's tokens
+    aligned with its guide's (:func:`kernels.uce.align_tokens`), each preserved concept's tokens from its last word
+    on. Every text is encoded once."""
+    cache: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def encoded(text: str) -> tuple[torch.Tensor, int]:
+        if text not in cache:
+            cache[text] = encode_concept(clip, text, node)
+        return cache[text]
+
+    erase_rows, guide_rows, preserve_rows = [], [], []
+    for concept, guide in zip(erase_list, guides):
+        (c_emb, c_last), (g_emb, g_last) = encoded(concept), encoded(guide)
+        c, g = align_tokens(c_emb, c_last, g_emb, g_last)
+        erase_rows.append(c)
+        guide_rows.append(g)
+    for text in preserve:
+        emb, last = encoded(text)
+        preserve_rows.append(emb[last:])
+    return torch.cat(erase_rows), torch.cat(guide_rows), torch.cat(preserve_rows) if preserve_rows else None
+
+
+def _checked_context_dim(node: str, model: Any, model_sd: Mapping[str, torch.Tensor], keys: list[str],
+                         erase_mat: torch.Tensor) -> int:
+    """The token width d; NodeInputError when the model's cross-attention takes another width (CLIP of another
+    checkpoint)."""
+    dim = int(erase_mat.shape[1])
+    widths = {int(model_sd[k].shape[1]) for k in keys}
+    if widths != {dim}:
+        raise NodeInputError(node, f"the CLIP gives {dim}-dim token embeddings ({context_family(dim)}) but the "
+                                   f"model's cross-attention takes {sorted(widths)} "
+                                   f"({context_family(min(widths))}): connect the CLIP of the same checkpoint.")
+    return dim
+
+
+def _edit_layers(model: Any, model_sd: Mapping[str, torch.Tensor], keys: list[str],
+                 op: UCEOperator) -> tuple[dict[str, torch.Tensor], tuple[list[float], list[float], list[float]]]:
+    """``(edited, (residuals, preserve changes, bound ratios))``: ``W' = W M`` for every key (in the model's dtype,
+    progress bar, interruptible) and per layer the mean erase residual and, with preserve rows, the worst relative
+    preserve change and its share of the closed-form bound."""
+    edited: dict[str, torch.Tensor] = {}
+    residuals, rel_changes, bound_ratios = [], [], []
+    pbar = progress_bar(len(keys))
+    for key in keys:
+        check_interrupt()
+        pbar.update(1)
+        weight = effective_weight(model, key)
+        new = apply_operator(weight, op)
+        residuals.append(float(erase_residuals(weight, new, op).mean()))
+        if op.preserve.shape[0]:
+            change = preserve_changes(weight, new, op)
+            bound, _ = preserve_bounds(weight, op)
+            base_norm = (op.preserve @ weight.to(torch.float64).T).norm(dim=1).clamp_min(1e-12)
+            rel_changes.append(float((change / base_norm).max()))
+            bound_ratios.append(float((change / bound.clamp_min(1e-30)).max()))
+        edited[key] = new.to(model_sd[key].dtype).contiguous()
+    return edited, (residuals, rel_changes, bound_ratios)
+
+
+def _uce_report(node: str, erase_list: list[str], guides: list[str], keys: list[str], edit_keys: bool, dim: int,
+                erase_mat: torch.Tensor, op: UCEOperator, preserve_lambda: float,
+                stats: tuple[list[float], list[float], list[float]]) -> str:
+    """The node's report text (also its UI text and log line)."""
+    residuals, rel_changes, bound_ratios = stats
+    lines = [
+        f"{node}: erased {', '.join(erase_list)} -> guides {', '.join(g or '(empty prompt)' for g in guides)}",
+        f"layers: {len(keys)} cross-attention {'key and value' if edit_keys else 'value'} projections "
+        f"(context {dim}, {context_family(dim)})",
+        f"tokens: {erase_mat.shape[0]} erased, {op.preserve.shape[0]} preserved; "
+        f"lambda {preserve_lambda:g}, mu {op.mu:.3g}",
+        f"erase residual ||W'c - Wg|| / ||Wg - Wc||: mean {sum(residuals) / len(residuals):.3g}, "
+        f"worst layer {max(residuals):.3g} (0 = guide reached)",
+    ]
+    if rel_changes:
+        lines.append(f"preserve change ||W'p - Wp|| / ||Wp||: worst {max(rel_changes):.3g}; at most "
+                     f"{max(bound_ratios):.3g} of its closed-form bound")
+    return "\n".join(lines)
+
+
 class EraseConceptsUCE:
+    DISPLAY_NAME = "Erase Concepts (UCE)"
     DESCRIPTION = (
         "Erases concepts from a model in closed form, in seconds and without training (Unified Concept Editing, "
         "Gandikota et al. 2024): every cross-attention key/value projection W becomes W' = (sum v* c^T + lambda sum "
@@ -146,79 +262,21 @@ class EraseConceptsUCE:
 
     def erase(self, model, clip, concepts, guide_concepts, preserve_concepts, preserve_lambda, edit_keys,
               regularization=None):
-        node = UCE_NODE
+        node = self.DISPLAY_NAME
         regularization = DEFAULT_RIDGE if regularization is None else float(regularization)
-        erase_list = split_concepts(concepts)
-        if not erase_list:
-            raise NodeInputError(node, "no concept to erase: write at least one, e.g. 'nudity'.")
-        guides = split_concepts(guide_concepts)
-        if not guides:
-            guides = [""] * len(erase_list)
-        elif len(guides) == 1:
-            guides = guides * len(erase_list)
-        elif len(guides) != len(erase_list):
-            raise NodeInputError(node, f"{len(guides)} guide concepts for {len(erase_list)} concepts: give none, one, "
-                                       "or one per concept (in the same order).")
-        preserve = split_concepts(preserve_concepts)
-        overlap = sorted(set(preserve) & set(erase_list))
-        if overlap:
-            raise NodeInputError(node, f"{', '.join(overlap)} is both erased and preserved; remove it from one list.")
-        if not hasattr(clip, "tokenize") or not hasattr(clip, "encode_from_tokens"):
-            raise NodeInputError(node, f"the clip input is a {type(clip).__name__}, not a ComfyUI CLIP.")
-        keys = _layer_keys(model, bool(edit_keys))
-        if not keys:
-            raise NodeInputError(node, f"{model_label(model)} has no cross-attention (attn2) projections: UCE "
-                                       "edits UNet models (SD1.x, SD2.x, SDXL).")
-
-        cache: dict[str, tuple[torch.Tensor, int]] = {}
-
-        def encoded(text: str) -> tuple[torch.Tensor, int]:
-            if text not in cache:
-                cache[text] = encode_concept(clip, text, node)
-            return cache[text]
-
-        erase_rows, guide_rows, preserve_rows = [], [], []
-        for concept, guide in zip(erase_list, guides):
-            (c_emb, c_last), (g_emb, g_last) = encoded(concept), encoded(guide)
-            c, g = align_tokens(c_emb, c_last, g_emb, g_last)
-            erase_rows.append(c)
-            guide_rows.append(g)
-        for text in preserve:
-            emb, last = encoded(text)
-            preserve_rows.append(emb[last:])
-        erase_mat = torch.cat(erase_rows)
-        dim = int(erase_mat.shape[1])
+        erase_list, guides, preserve = _concept_lists(node, concepts, guide_concepts, preserve_concepts)
+        keys = _checked_layer_keys(node, model, clip, bool(edit_keys))
+        erase_mat, guide_mat, preserve_mat = _token_rows(node, clip, erase_list, guides, preserve)
         model_sd = model.model_state_dict()
-        widths = {int(model_sd[k].shape[1]) for k in keys}
-        if widths != {dim}:
-            raise NodeInputError(node, f"the CLIP gives {dim}-dim token embeddings ({context_family(dim)}) but the "
-                                       f"model's cross-attention takes {sorted(widths)} "
-                                       f"({context_family(min(widths))}): connect the CLIP of the same checkpoint.")
+        dim = _checked_context_dim(node, model, model_sd, keys, erase_mat)
         try:
-            op = uce_operator(erase_mat, torch.cat(guide_rows), torch.cat(preserve_rows) if preserve_rows else None,
-                              float(preserve_lambda), float(regularization))
+            op = uce_operator(erase_mat, guide_mat, preserve_mat, float(preserve_lambda), float(regularization))
         except (ValueError, RuntimeError) as err:
             raise NodeInputError(node, f"the closed form failed ({err}); check the concepts and the CLIP.") from err
 
-        edited: dict[str, torch.Tensor] = {}
-        residuals, rel_changes, bound_ratios = [], [], []
-        pbar = progress_bar(len(keys))
-        for key in keys:
-            check_interrupt()
-            pbar.update(1)
-            weight = effective_weight(model, key)
-            new = apply_operator(weight, op)
-            residuals.append(float(erase_residuals(weight, new, op).mean()))
-            if op.preserve.shape[0]:
-                change = preserve_changes(weight, new, op)
-                bound, _ = preserve_bounds(weight, op)
-                base_norm = (op.preserve @ weight.to(torch.float64).T).norm(dim=1).clamp_min(1e-12)
-                rel_changes.append(float((change / base_norm).max()))
-                bound_ratios.append(float((change / bound.clamp_min(1e-30)).max()))
-            edited[key] = new.to(model_sd[key].dtype).contiguous()
+        edited, stats = _edit_layers(model, model_sd, keys, op)
         patched = model.clone()
         patched.add_patches({k: (v,) for k, v in edited.items()}, 1.0, 0.0)
-
         names = ldm_to_diffusers_map(model)
         bare = {k[len("diffusion_model."):]: v for k, v in edited.items()}
         meta = {
@@ -229,24 +287,14 @@ class EraseConceptsUCE:
             "base_model": model_label(model),
         }
         edit = ConceptEdit(bare, {k: names[k] for k in bare if k in names}, meta)
-        lines = [
-            f"{UCE_NODE}: erased {', '.join(erase_list)} -> guides {', '.join(g or '(empty prompt)' for g in guides)}",
-            f"layers: {len(keys)} cross-attention {'key and value' if edit_keys else 'value'} projections "
-            f"(context {dim}, {context_family(dim)})",
-            f"tokens: {erase_mat.shape[0]} erased, {op.preserve.shape[0]} preserved; "
-            f"lambda {float(preserve_lambda):g}, mu {op.mu:.3g}",
-            f"erase residual ||W'c - Wg|| / ||Wg - Wc||: mean {sum(residuals) / len(residuals):.3g}, "
-            f"worst layer {max(residuals):.3g} (0 = guide reached)",
-        ]
-        if rel_changes:
-            lines.append(f"preserve change ||W'p - Wp|| / ||Wp||: worst {max(rel_changes):.3g}; at most "
-                         f"{max(bound_ratios):.3g} of its closed-form bound")
-        report = "\n".join(lines)
+        report = _uce_report(node, erase_list, guides, keys, bool(edit_keys), dim, erase_mat, op, float(preserve_lambda),
+                             stats)
         log.info("%s", report.replace("\n", " | "))
         return {"ui": {"text": [report]}, "result": (patched, edit, report)}
 
 
 class SaveConceptErasedWeights(SaveFileNode):
+    DISPLAY_NAME = "Save Concept-Erased Weights"
     DESCRIPTION = (
         "Writes the edited cross-attention projections of Erase Concepts (UCE) as a small .safetensors file in "
         f"models/{FOLDER_NAME}/ (32 tensors, about 38 MB for SD1.5 in fp16), with diffusers or LDM key names. "
@@ -267,7 +315,7 @@ class SaveConceptErasedWeights(SaveFileNode):
         }}
 
     def save(self, edit, filename, key_format, overwrite):
-        node = SAVE_NODE
+        node = self.DISPLAY_NAME
         if not isinstance(edit, ConceptEdit):
             raise NodeInputError(node, "edit must come from Erase Concepts (UCE) or Erase Concept (SDD).")
         if key_format not in KEY_FORMATS:

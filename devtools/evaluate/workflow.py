@@ -1,7 +1,7 @@
 """The workflow a run repeats: an API prompt, its image outputs (the "arms"), the inputs a row sets.
 
 A UI-format workflow (what the frontend saves, e.g. ``example_workflows/*.json``) is converted
-with the pack's converter (``demo/ui_workflow.py``) and the server's ``/object_info``; an API-format
+with the pack's converter (``devtools/comfy/ui_workflow.py``) and the server's ``/object_info``; an API-format
 one (the frontend's "Export (API)") is used as it is. Inputs are named ``NODE.INPUT`` where
 ``NODE`` is a node id, a node title or a class type that occurs once (``--set`` for constants,
 ``--prompt-input`` / ``--seed-input`` / ``--guidance-input`` for the row's values).
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from demo.ui_workflow import ui_to_api
+from devtools.comfy.ui_workflow import ui_to_api
 
 IMAGE_OUTPUTS = ("SaveImage", "PreviewImage")
 

@@ -26,11 +26,10 @@ from typing import Any
 
 import aiohttp
 
-from .locate import pack_module
+from devtools.comfy import server as _server  # process-group stop and log tails, shared with the server
 from .server import ComfyServer, frontend_root
 
 log = logging.getLogger(__name__)
-_server = pack_module("comfy_server")  # process-group stop and log tails, shared with the server
 
 ENV_VAR = "SDN_CHROMIUM"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -6,20 +6,18 @@
   ``extra_model_paths.yaml`` that breaks start-up, so it is copied once (without that file) to
   ``tests/.runtime/comfyui-o/`` and the copy is used.
 
-The locating code is the pack's own (``demo/comfy_locate.py``, shared with the demo runner); this
-module gives it the tests' runtime folder and error type.  Pack modules are loaded by file path
-(:func:`pack_module`): putting the repository root on ``sys.path`` would shadow ComfyUI's
-top-level ``nodes`` module with the pack's ``nodes/`` package.
+The locating code is the pack's runner (:mod:`devtools.comfy.locate`, shared with the demo
+runner); this module gives it the tests' runtime folder and error type.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 from types import ModuleType
+
+from devtools.comfy import locate as _locate
+from devtools.pack_file import load_pack_file
 
 from .errors import ComfyUINotFound
 
@@ -31,42 +29,15 @@ TEST_NODES_DIR = TESTS_DIR / "test_nodes"
 RUNTIME_DIR = TESTS_DIR / ".runtime"
 #: Folder (and module) name of the test-only node package inside ``custom_nodes``.
 TEST_NODES_NAME = "sdn_test_nodes"
-#: Module name the pack's ``demo/`` package is imported under (by :func:`pack_module`).
-DEMO_PACKAGE = "sdn_pack_demo"
-
-
-def pack_module(name: str) -> ModuleType:
-    """``demo/<name>.py`` of the pack (standard-library-only modules, and ``digits``), imported once
-    as a submodule of the pack's ``demo/`` package loaded by file path under :data:`DEMO_PACKAGE`
-    (so its relative imports work)."""
-    if DEMO_PACKAGE not in sys.modules:
-        demo_dir = REPO_ROOT / "demo"
-        spec = importlib.util.spec_from_file_location(DEMO_PACKAGE, demo_dir / "__init__.py",
-                                                      submodule_search_locations=[str(demo_dir)])
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load demo/ from {REPO_ROOT}")
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[DEMO_PACKAGE] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"{DEMO_PACKAGE}.{name}")
 
 
 def pack_file(relative_path: str, module_name: str) -> ModuleType:
     """``REPO_ROOT/relative_path`` (a pack file that runs without ComfyUI: ``kernels/*.py``,
-    ``devtools/...``) imported once as ``module_name``, through ``devtools/pack_file.py``, the loader
-    the benchmarks use too."""
-    loader = sys.modules.get("sdn_pack_file")
-    if loader is None:
-        spec = importlib.util.spec_from_file_location("sdn_pack_file", REPO_ROOT / "devtools" / "pack_file.py")
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load devtools/pack_file.py from {REPO_ROOT}")
-        loader = importlib.util.module_from_spec(spec)
-        sys.modules["sdn_pack_file"] = loader
-        spec.loader.exec_module(loader)
-    return loader.load_pack_file(relative_path, module_name)
+    ``demo/digits.py``, ...) imported once as ``module_name``, with
+    :func:`devtools.pack_file.load_pack_file`, the loader the benchmarks and tools use too."""
+    return load_pack_file(relative_path, module_name)
 
 
-_locate = pack_module("comfy_locate")
 ENV_VAR: str = _locate.ENV_VAR
 ComfyVersion = _locate.ComfyVersion
 

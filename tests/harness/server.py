@@ -1,6 +1,6 @@
 """Start a real ComfyUI server (``python main.py --cpu``) on loopback and drive its HTTP API.
 
-The server itself is the pack's (``demo/comfy_server.py``, shared with the demo runner); this
+The server itself is the pack's runner (:mod:`devtools.comfy.server`, shared with the demo); this
 module gives it the tests' packs (the pack and ``tests/test_nodes``, linked into a temporary
 ``custom_nodes`` folder, see :func:`harness.locate.packs_under_test`), N's web UI when
 ``comfyui_frontend_package`` is installed, and the harness's :class:`ComfyPromptError`.
@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from devtools.comfy import server as _server
+
 from .errors import ComfyPromptError
-from .locate import REPO_ROOT, comfyui_dir, pack_module, packs_under_test
+from .locate import REPO_ROOT, comfyui_dir, packs_under_test
 
 log = logging.getLogger(__name__)
 
-_server = pack_module("comfy_server")
 HOST: str = _server.HOST
 PathLike = str | os.PathLike[str]
 ComfyServerError = _server.ServerError

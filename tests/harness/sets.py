@@ -55,9 +55,9 @@ def write_garbage(path: Path, size: int = 256, seed: int = 0) -> Path:
 def write_digit_images(folder: Path, digit: int) -> int:
     """Every training image of ``digit`` of the digits demo as ``<index>.png`` (64x64 RGB, the 8-bit
     pixels of :func:`demo.digits.to_png_array`): the built-in set ``digits_<digit>`` as a folder."""
-    from .locate import pack_module
+    from .locate import pack_file
 
-    digits = pack_module("digits")
+    digits = pack_file("demo/digits.py", "sdn_demo_digits")
     idx, images8 = digits.load_data().of_class(int(digit))
     folder.mkdir(parents=True)
     for i, image in zip(idx, digits.upsample(images8)):

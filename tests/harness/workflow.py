@@ -1,6 +1,6 @@
 """UI (litegraph) workflows in the tests: conversion to API prompts, structural checks, rewrites.
 
-The converter is the pack's (``demo/ui_workflow.py``, shared with the demo runner; its docstring
+The converter is the pack's (:mod:`devtools.comfy.ui_workflow`, shared with the demo; its docstring
 lists the frontend's rules it implements) and is re-exported here: :func:`ui_to_api`,
 :func:`is_widget`, :func:`extra_widget_values`, :class:`WorkflowConversionError`.  Node
 definitions come from a server's ``/object_info`` or :meth:`harness.runtime.ComfySession.object_info`.
@@ -20,12 +20,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .locate import REPO_ROOT, pack_module
+from devtools.comfy import ui_workflow as _ui
+
+from .locate import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
-# The converter itself is the pack's (demo/ui_workflow.py, shared with the demo runner).
-_ui = pack_module("ui_workflow")
+# The converter itself is the pack's (devtools/comfy/ui_workflow.py, shared with the demo runner).
 MODE_MUTED: int = _ui.MODE_MUTED
 MODE_BYPASSED: int = _ui.MODE_BYPASSED
 VIRTUAL_NODES: frozenset[str] = _ui.VIRTUAL_NODES

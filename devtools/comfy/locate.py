@@ -5,8 +5,12 @@
   an ``extra_model_paths.yaml`` that breaks start-up, so it is copied once (without that file)
   into a runtime folder and the copy is used.
 
-Shared by the demo runner (``demo/run_demo.py``) and the test harness (``tests/harness/locate.py``
-re-exports these functions with the tests' runtime folder). Imports only the standard library.
+The two versions the pack supports are called "O" (that 2024-03 ComfyUI) and "N" (a current one,
+v0.3.x; :func:`comfy_version` tells them apart) here, in the tests and in the node code.
+
+Shared by the demo runner (``demo/run_demo.py``), the evaluation tool and the test harness
+(``tests/harness/locate.py`` re-exports these functions with the tests' runtime folder). Imports only
+the standard library.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ log = logging.getLogger(__name__)
 
 ComfyVersion = Literal["N", "O"]
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
+PACK_ROOT = Path(__file__).resolve().parents[2]
 ENV_VAR = "COMFYUI_PATH"
 O_COPY_NAME = "comfyui-o"
 COPY_MARKER = ".sdn_copy_complete"

@@ -4,7 +4,7 @@ Shared by the demo runner (``demo/run_demo.py``) and the test harness (``tests/h
 subclasses :class:`ComfyServer`, adding the test-only nodes and its own error types through
 :meth:`ComfyServer.refused` / :meth:`ComfyServer.failed`). Packs are installed for the server
 through an ``extra_model_paths.yaml`` whose ``custom_nodes`` entry names a folder of symlinks
-(:func:`demo.comfy_locate.link_custom_nodes`), so nothing is copied. On current ComfyUI ("N") the
+(:func:`devtools.comfy.locate.link_custom_nodes`), so nothing is copied. On current ComfyUI ("N") the
 server gets a private user folder and an in-memory database (a ``COMFYUI_PATH`` checkout stays
 read-only) and loads only the packs it was given. Imports only the standard library.
 """
@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from .comfy_locate import comfy_version, link_custom_nodes
+from .locate import comfy_version, link_custom_nodes
 
 log = logging.getLogger(__name__)
 
