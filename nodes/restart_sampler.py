@@ -82,8 +82,10 @@ class RestartGuide:
 
     def threshold(self, model_sampling: Any, latent_format: Any, x: torch.Tensor, sigma: float) -> RestartThreshold:
         """The calibrated test at ``sigma`` (memoised on the negation set)."""
-        prep = self._prepared(latent_format, x)
-        alpha, std = (float(v) for v in forward_coefficients(model_sampling, torch.tensor([float(sigma)])))
+        alpha, std = forward_coefficients(model_sampling, torch.tensor([float(sigma)]))
+        return self._threshold(self._prepared(latent_format, x), float(alpha), float(std), x)
+
+    def _threshold(self, prep: Any, alpha: float, std: float, x: torch.Tensor) -> RestartThreshold:
         st = self.settings
         key = ("restart", round(alpha, 9), round(std, 9), self.width, st.recall, st.false_alarm, x.shape[2], x.shape[3],
                str(x.device))
@@ -92,16 +94,16 @@ class RestartGuide:
 
     def claims(self, model_sampling: Any, latent_format: Any, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: which states the set claims at this evaluation (sigma equal across the batch)."""
-        level = float(sigma.reshape(-1)[0])
-        if level <= 0:
-            return torch.zeros(x.shape[0], dtype=torch.bool)
-        test = self.threshold(model_sampling, latent_format, x, level)
-        if not test.active:
-            return torch.zeros(x.shape[0], dtype=torch.bool)
+        bsz = x.shape[0]
+        if float(sigma.reshape(-1)[0]) <= 0:
+            return torch.zeros(bsz, dtype=torch.bool)
         prep = self._prepared(latent_format, x)
-        alpha, std = forward_coefficients(model_sampling, sigma.reshape(-1)[:1].expand(x.shape[0]).cpu())
-        return claimed(x.reshape(x.shape[0], -1).float(), prep.y, alpha.to(x.device), std.to(x.device), self.width,
-                       prep.ref_mean, prep.ref_var, test.threshold, y_sq=prep.y_sq).cpu()
+        alpha, std = forward_coefficients(model_sampling, sigma.reshape(-1)[:1].cpu())  # once per evaluation
+        test = self._threshold(prep, float(alpha), float(std), x)
+        if not test.active:
+            return torch.zeros(bsz, dtype=torch.bool)
+        return claimed(x.reshape(bsz, -1).float(), prep.y, alpha.expand(bsz).to(x.device), std.expand(bsz).to(x.device),
+                       self.width, prep.ref_mean, prep.ref_var, test.threshold, y_sq=prep.y_sq).cpu()
 
 
 class _Claiming:
