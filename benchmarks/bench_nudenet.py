@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     args = parser.parse_args()
 
-    det = load_pack_file("nodes/nudenet_detector.py", "sdn_nudenet_detector")
+    det = load_pack_file("nodes/nudenet_detector.py", "sdn_nodes.nudenet_detector")
     ort, nudenet_module = det._import_backend()
     gpu = "cuda" if args.device == "auto" else "cpu"
     providers = det.choose_providers(ort.get_available_providers(), args.device, gpu, 0)

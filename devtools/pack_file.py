@@ -3,7 +3,9 @@ pack modules that must run without ComfyUI.
 
 The modules benchmarked (``kernels/guidance.py``, ``nodes/nudenet_detector.py``) run without
 ComfyUI, but importing them through their packages would run the pack's ``__init__.py`` files,
-which need ComfyUI; loading the one file avoids that.
+which need ComfyUI; loading the one file avoids that. A module with relative imports of siblings
+that run without ComfyUI too is loaded under a dotted name (``"sdn_nodes.nudenet_detector"``, which
+imports ``nodes/files.py`` as ``sdn_nodes.files``).
 """
 
 from __future__ import annotations

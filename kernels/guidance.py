@@ -243,12 +243,11 @@ def beta_estimate(
 
     with ``k_n = exp(-||x_t - a y_n||^2 / (2 h^2 s^2))`` (``log sum_n k_n`` is the ``log_norm`` of
     :func:`kernel_posterior_mean`).  The ``(2 pi)^{-D/2}`` factors cancel and both densities see
-    the same noise, so ``R`` stays O(1) in any dimension (a ratio to the single kernel
-    ``k(x_t, x0_hat)`` swings by hundreds of nats, and is not even ordered right: samples heading
-    into the set do not score higher).  ``p_max`` caps the odds (0.99: ``beta <= 99``).  At low
-    noise the Gaussian reference over-estimates ``p_t`` away from the negation latents, so
-    ``beta`` decays to 0 unless ``x_t`` is within the kernel's reach of the set: the estimate gates
-    itself, and a step window is optional.
+    the same noise, so ``R`` stays O(1) in any dimension.  ``p_max`` caps the odds (0.99:
+    ``beta <= 99``).  At low noise the Gaussian reference over-estimates ``p_t`` away from the
+    negation latents, so ``beta`` decays to 0 unless ``x_t`` is within the kernel's reach of the
+    set: the estimate gates itself, and a step window is optional.  Why this estimator and not
+    others: docs/design-history.md, "The Safe Denoiser's beta".
 
     Args:
         log_norm: ``[B]`` from :func:`kernel_posterior_mean` (same ``alpha``, ``std``, ``bandwidth``).

@@ -1,8 +1,9 @@
 """What the node modules share about files and memos, without ComfyUI: a file's change stamp, path
 confinement inside a root, and a thread-safe least-recently-used memo.
 
-``nodes/nudenet_detector.py`` (loaded as one file by the benchmarks and the evaluation tool) and
-``demo/digits.py`` (numpy only, no ``nodes`` import) keep their own memos.
+It imports nothing from the pack, so modules loaded without their package (``nodes/nudenet_detector.py``
+in the benchmarks and the evaluation tool, through ``devtools.pack_file.load_pack_file`` with a dotted
+module name) can import it too. ``demo/digits.py`` (numpy only, no ``nodes`` import) keeps its own memo.
 """
 
 from __future__ import annotations

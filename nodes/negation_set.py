@@ -23,11 +23,11 @@ from PIL import Image, ImageOps
 
 import folder_paths
 
-from ..kernels.guidance import channel_normalise
 from .image_decode import (DECODE_VERSION, IMAGE_EXTENSIONS, ImageDecodeError, UnreadableImageError,
                            decode_image)
 from .comfy_compat import NodeInputError, check_interrupt, latent_format_key, process_in, progress_bar
 from .files import LockedLRU, file_stamp
+from .guidance_modes import GuidanceMode, guidance_mode
 from .paths import atomic_save, register_model_folder, resolve_in_roots
 
 __all__ = ["atomic_save"]  # re-exported: negation_set_nodes imports it from here
@@ -164,17 +164,17 @@ class NegationSet:
         return self._prepared.get_or_build(("sampling", latent_format_key(latent_format), height, width), build)
 
     def prepared(self, latent_format: Any, height: int, width: int, device: torch.device,
-                 dtype: torch.dtype, variant: str = "paper") -> PreparedNegation:
+                 dtype: torch.dtype, variant: str | GuidanceMode = "paper") -> PreparedNegation:
         """Flattened latents for the kernels, memoised per (format, size, device, dtype, variant).
 
-        ``variant`` is ``"paper"`` (sampling-space latents) or ``"reference"`` (additionally
-        L2-normalised over channels at each pixel, as the official implementation does).
+        ``variant`` is a guidance mode or its name (:data:`.guidance_modes.MODES`): the sampling-space
+        latents as that mode's kernel reads them (:meth:`.guidance_modes.GuidanceMode.kernel_latents`).
+        Raises ValueError for an unknown name.
         """
+        mode = guidance_mode(variant)
 
         def build() -> PreparedNegation:
-            lat = self.sampling_latents(latent_format, height, width)
-            if variant == "reference":
-                lat = channel_normalise(lat)
+            lat = mode.kernel_latents(self.sampling_latents(latent_format, height, width))
             y = lat.reshape(lat.shape[0], -1).to(device=device, dtype=dtype)
             pooled = lat.to(torch.float32).transpose(0, 1).reshape(lat.shape[1], -1)  # [C, N*H*W]
             per_pixel = (lat.shape[1], lat.shape[2] * lat.shape[3])
@@ -183,7 +183,7 @@ class NegationSet:
             return PreparedNegation(y=y, y_sq=(y.to(torch.float32) * y.to(torch.float32)).sum(1),
                                     ref_mean=ref_mean, ref_var=ref_var)
 
-        key = ("prepared", latent_format_key(latent_format), height, width, str(device), str(dtype), variant)
+        key = ("prepared", latent_format_key(latent_format), height, width, str(device), str(dtype), mode.name)
         return self._prepared.get_or_build(key, build)
 
     def memo(self, key: tuple, build):

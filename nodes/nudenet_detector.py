@@ -17,7 +17,9 @@ until a detection is asked for, so the pack loads without them; :func:`load_dete
   back, so the scores equal NudeNet's on the saved PNG files, which is what papers measured.
 
 ComfyUI's modules are imported inside the functions that need them (model folders, the torch
-device), so the detection part runs without ComfyUI too (``benchmarks/bench_nudenet.py``).
+device), so the detection part runs without ComfyUI too (``benchmarks/bench_nudenet.py``, the
+evaluation tool: they load this file with ``nodes/files.py``, its one sibling import, through
+``devtools.pack_file.load_pack_file("nodes/nudenet_detector.py", "sdn_nodes.nudenet_detector")``).
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ import logging
 import os
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .files import LockedLRU, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -170,18 +173,17 @@ class Detector:
         return self.detector.detect_batch(list(bgr_images), batch_size=len(bgr_images))
 
 
-_sessions: "OrderedDict[tuple, Any]" = OrderedDict()
-_sessions_lock = threading.Lock()
+_sessions = LockedLRU(MAX_SESSIONS)
+_build_lock = threading.Lock()
+"""Held while a session is looked up and built, so two threads never start the same model twice."""
 
 
 def open_session(ort: Any, path: str, providers: list[Any]) -> Any:
-    """The cached InferenceSession of ``path`` for these providers (built on first use)."""
-    stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, _provider_names(providers))
-    with _sessions_lock:
-        if key in _sessions:
-            _sessions.move_to_end(key)
-            return _sessions[key]
+    """The cached InferenceSession of ``path`` for these providers (built on first use; the
+    ``MAX_SESSIONS`` most recently used are kept, per file stamp and providers)."""
+    key = file_stamp(os.path.realpath(path)) + (_provider_names(providers),)
+
+    def build() -> Any:
         try:
             session = ort.InferenceSession(path, providers=providers)
         except Exception as exc:  # noqa: BLE001 (onnxruntime raises several types) - re-raised below
@@ -190,11 +192,11 @@ def open_session(ort: Any, path: str, providers: list[Any]) -> Any:
             log.warning("NudeNet: could not start onnxruntime with %s (%s); using the CPU",
                         _provider_names(providers)[0], exc)
             session = ort.InferenceSession(path, providers=[CPU_PROVIDER])
-        _sessions[key] = session
-        while len(_sessions) > MAX_SESSIONS:
-            _sessions.popitem(last=False)
         log.info("NudeNet: loaded %s with %s", path, session.get_providers())
         return session
+
+    with _build_lock:
+        return _sessions.get_or_build(key, build)
 
 
 def resolve_resolution(requested: int, model: str, session: Any) -> int:

@@ -27,8 +27,9 @@ import comfy.samplers
 from ..kernels.guidance import ReferenceGate, reference_correct, reference_kernel_mean
 from ..kernels.reference_sampler import ddpm_step, reference_restart
 from .comfy_compat import NodeInputError, check_interrupt
+from .guidance_modes import REFERENCE_MARGIN, REFERENCE_SCALE, REFERENCE_SIGMA, reference_threshold
 from .negation_set import NegationSet
-from .safe_denoiser import CATEGORY, REFERENCE_MARGIN, REFERENCE_SCALE, REFERENCE_SIGMA, reference_threshold
+from .safe_denoiser import CATEGORY
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ import comfy.utils
 
 from ..kernels.restart import RestartThreshold, claimed, restart_threshold, sample_with_restarts
 from .comfy_compat import NodeInputError, check_interrupt, forward_coefficients, ksampler_sigmas, show_on_node
+from .guidance_modes import PAPER_BANDWIDTH
 from .negation_set import NegationSet
-from .safe_denoiser import CATEGORY, PAPER_BANDWIDTH
+from .safe_denoiser import CATEGORY
 
 log = logging.getLogger(__name__)
 

@@ -32,57 +32,34 @@ from typing import Any, Optional
 
 import torch
 
-from ..kernels.guidance import (
-    ReferenceGate,
-    beta_estimate,
-    bound_beta,
-    kernel_posterior_mean,
-    reference_beta_threshold,
-    reference_correct,
-    reference_kernel_mean,
-    safe_combine,
-    shift_bound,
-)
 from .comfy_compat import (
     NodeInputError,
-    forward_coefficients,
     latent_channels,
-    latent_format_key,
     model_object,
     percent_to_sigma,
     sampling_wrapper_types,
     show_on_node,
     supports_pre_cfg,
 )
+from .guidance_modes import (
+    DEFAULT_MODE,
+    MODES,
+    Correction,
+    Evaluation,
+    guidance_mode,
+    mode_tooltip,
+    reference_threshold,
+)
 from .negation_set import NegationSet
 from .safe_denoiser_report import GuidanceReport
+
+__all__ = ["reference_threshold"]  # re-exported: the tests reach it through this module
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "safe_denoiser/sampling"
 WRAPPER_KEY = "safe_denoiser"
 """Key of the pack's sampling wrappers (``ModelPatcher.add_wrapper_with_key``)."""
-MODES = ("paper", "reference")
-
-# The official implementation's SD1.4 nudity settings (Safe_Denoiser@223415b).
-REFERENCE_SCALE = 0.33
-REFERENCE_SIGMA = 3.15
-REFERENCE_MARGIN = 1.6
-REFERENCE_QUANTILE = 0.0
-REFERENCE_MAX_CALIBRATION = 1024
-"""Noisy negation latents used to calibrate the reference gate (all of them when fewer)."""
-
-# paper-mode defaults, measured on the digits demo (README "Choosing the defaults"): the prior share of
-# unsafe content eta (Eq. 7), the cap of the posterior probability P (beta = P / (1 - P) <= 99), and the
-# kernel width in units of the noise std s_t (1.0 would be the exact Eq. 6 posterior of the negation set
-# itself; 3.0 smooths it into a density estimate that also covers unsafe images not in the set).
-PAPER_ETA = 0.2
-PAPER_P_MAX = 0.9999
-PAPER_BANDWIDTH = 3.0
-# Trust region of the correction (not in the paper): the Eq. 4 shift of the denoised estimate is bounded to
-# PAPER_SHIFT_BOUND x s_t / a_t RMS, the noise level in x0 units (kernels.guidance.shift_bound). Without it an
-# estimated E_unsafe multiplied by a large beta destroys samples at low noise (README "Choosing the defaults").
-PAPER_SHIFT_BOUND = 0.5
 # beta gates itself (it decays to 0 off the negation set), so the whole schedule is guided by default.
 # The paper's SD window t in [780, 1000] of 1000 DDPM steps is end_percent 1 - 780/999 = 0.22.
 DEFAULT_END_PERCENT = 1.0
@@ -92,14 +69,14 @@ DEFAULT_END_PERCENT = 1.0
 class GuidanceSettings:
     """User-facing parameters of the Safe Denoiser.
 
-    ``strength`` and ``bandwidth`` multiply each mode's default, so 1.0 is always the default: in
-    ``paper`` mode ``eta = 0.2 * strength`` and the kernel width is ``3 * bandwidth * s_t``
-    (``bandwidth = 1/3`` is the exact Eq. 6 kernel); in ``reference`` mode the constant scale is
-    ``0.33 * strength`` and the fixed kernel sigma ``3.15 * bandwidth`` (the official SD1.4 nudity
-    settings).
+    ``mode`` names one of :data:`.guidance_modes.MODES`; ``strength`` and ``bandwidth`` multiply that
+    mode's defaults, so 1.0 is always the default: in ``paper`` mode ``eta = 0.2 * strength`` and the
+    kernel width is ``3 * bandwidth * s_t`` (``bandwidth = 1/3`` is the exact Eq. 6 kernel); in
+    ``reference`` mode the constant scale is ``0.33 * strength`` and the fixed kernel sigma
+    ``3.15 * bandwidth`` (the official SD1.4 nudity settings).
     """
 
-    mode: str = "paper"
+    mode: str = DEFAULT_MODE
     strength: float = 1.0
     bandwidth: float = 1.0
     start_percent: float = 0.0
@@ -120,21 +97,6 @@ class GuidanceSettings:
             raise NodeInputError(node, f"beta_threshold {self.beta_threshold} must be >= 0.")
 
 
-@dataclass(frozen=True)
-class Correction:
-    """Per-sample correction of a denoised estimate (``beta`` / ``gate`` zero where inactive)."""
-
-    mode: str
-    unsafe_mean: torch.Tensor  # [B, D]
-    weight: torch.Tensor  # paper: beta [B]; reference: gate [B] (bool)
-    scale: float = 0.0
-
-    def apply(self, denoised: torch.Tensor) -> torch.Tensor:
-        if self.mode == "paper":
-            return safe_combine(denoised, self.unsafe_mean, self.weight)
-        return reference_correct(denoised, self.unsafe_mean, self.scale, self.weight)
-
-
 class SafeDenoiserHook:
     """Holds the negation set and settings; its methods are the registered sampler hooks.
 
@@ -147,7 +109,8 @@ class SafeDenoiserHook:
         self.negation = negation
         self.settings = settings
         self.uses_pre_cfg = uses_pre_cfg
-        self.report = GuidanceReport(settings.mode)
+        self.mode = guidance_mode(settings.mode)
+        self.report = GuidanceReport(self.mode)
         self._local = threading.local()  # the open model evaluation (predict_noise wrapper), per thread
 
     def __deepcopy__(self, memo: dict) -> "SafeDenoiserHook":
@@ -186,30 +149,10 @@ class SafeDenoiserHook:
             raise NodeInputError(self.node, channel_mismatch(self.negation, x.shape[1]))
         bsz, _, height, width = x.shape
         storage = x.dtype if (x.device.type != "cpu" and x.dtype in (torch.float16, torch.bfloat16)) else torch.float32
-        xf, df = x.reshape(bsz, -1), denoised.reshape(bsz, -1)
-        lf = model.latent_format
-        if st.mode == "paper":
-            prep = self.negation.prepared(lf, height, width, x.device, storage, "paper")
-            alpha, std = (t.to(x.device) for t in forward_coefficients(ms, sigma.reshape(-1).expand(bsz)))
-            reach = PAPER_BANDWIDTH * st.bandwidth  # kernel std in units of s_t
-            km = kernel_posterior_mean(xf, prep.y, alpha, std, reach, y_sq=prep.y_sq)
-            beta = beta_estimate(km.log_norm, xf, alpha, std, prep.y.shape[0], prep.ref_mean, prep.ref_var, reach,
-                                 eta=PAPER_ETA * st.strength, p_max=PAPER_P_MAX)
-            beta = torch.where(active & (beta >= st.beta_threshold), beta, torch.zeros_like(beta))
-            noise_level = shift_bound(alpha, std, bsz).to(device=x.device, dtype=beta.dtype)  # s_t / a_t
-            bounded, shift = bound_beta(df, km.mean, beta, PAPER_SHIFT_BOUND * noise_level)
-            self.report.paper(beta, shift / noise_level.clamp_min(1e-12), bounded < beta)
-            log.debug("Safe Denoiser: sigma %.4g beta %s bounded %s", float(sigma.reshape(-1)[0]), beta.tolist(),
-                      bounded.tolist())
-            return Correction("paper", km.mean, bounded)
-        prep = self.negation.prepared(lf, height, width, x.device, storage, "reference")
-        ksigma = REFERENCE_SIGMA * st.bandwidth
-        gate = ReferenceGate(reference_threshold(self.negation, ms, lf, height, width, prep.y, ksigma), REFERENCE_MARGIN)
-        km = reference_kernel_mean(df, prep.y, ksigma, y_sq=prep.y_sq)
-        is_open = gate.open(km.log_norm) & active
-        log.debug("Safe Denoiser (reference): sigma %.4g gate %s", float(sigma.reshape(-1)[0]), is_open.tolist())
-        self.report.reference(is_open)
-        return Correction("reference", km.mean, is_open, REFERENCE_SCALE * st.strength)
+        ev = Evaluation(x=x.reshape(bsz, -1), denoised=denoised.reshape(bsz, -1), sigma=sigma, active=active,
+                        height=height, width=width, storage=storage, negation=self.negation, model_sampling=ms,
+                        latent_format=model.latent_format, report=self.report)
+        return self.mode.correction(ev, st)
 
     # -------------------------------------------------------------- hooks
     def _evaluation(self) -> Optional[dict]:
@@ -282,32 +225,6 @@ class SafeDenoiserHook:
             self.report.finish()
 
 
-def reference_threshold(negation: NegationSet, ms: Any, lf: Any, height: int, width: int, y: torch.Tensor,
-                        ksigma: float) -> float:
-    """The official calibrated gate threshold (:func:`kernels.guidance.reference_beta_threshold`
-    at the smallest DDPM timestep), memoised on the negation set.
-
-    Args:
-        negation: the set; ``y`` its channel-normalised ``[N, D]`` latents at this size.
-        ms, lf: the model's ``model_sampling`` and ``latent_format``.
-        height, width: latent size.
-        ksigma: the fixed kernel width.
-    """
-    sigma1 = percent_to_sigma(ms, 0.999)  # ~ the smallest DDPM timestep the official code used
-    alpha, std = forward_coefficients(ms, torch.tensor([sigma1]))
-    norm = math.sqrt(float(alpha) ** 2 + float(std) ** 2)  # VP form of the noisy latents
-    key = ("reference_threshold", latent_format_key(lf), height, width, ksigma, round(sigma1, 8))
-
-    def build() -> float:
-        thr = reference_beta_threshold(y, ksigma, float(alpha) / norm, float(std) / norm, REFERENCE_QUANTILE,
-                                       max_queries=REFERENCE_MAX_CALIBRATION)
-        log.info("Safe Denoiser (reference): gate threshold %.4g (minus margin %.2g) for %s",
-                 thr, REFERENCE_MARGIN, negation.describe())
-        return thr
-
-    return negation.memo(key, build)
-
-
 def _sample_sigmas(args: dict) -> Any:
     """The run's schedule where ComfyUI passes it to hooks (current releases), else None."""
     return args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
@@ -354,22 +271,12 @@ def guidance_inputs() -> dict:
     """The guidance parameters shared by the patch node and the KSampler node."""
     return {
         "negation_set": ("NEGATION_SET", {"tooltip": "Latents of the content to avoid, from Load Negation Set."}),
-        "mode": (list(MODES), {"default": "paper", "tooltip":
-                 "paper: Eq. 4-7 of Kim et al. (kernel on the noisy sample x_t with the model's own alpha/sigma, "
-                 "weight beta(x_t) = posterior odds that x_t heads into the set). reference: the official code's "
-                 "arithmetic (kernel on the denoised estimate, fixed sigma 3.15, constant scale 0.33, calibrated "
-                 "gate) inside any sampler; for the official procedure step for step use the Safe Denoiser "
-                 "Reference Sampler."}),
-        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip":
-                     "How hard to push away from the negation set, as a multiple of the mode's default (1.0). "
-                     "paper: eta = 0.2 x strength, the prior share of unwanted content in Eq. 7 (higher removes more, "
-                     "and disturbs more of the other content). reference: scale = 0.33 x strength (the official "
-                     "value). "
-                     "0 disables the guidance."}),
+        "mode": (list(MODES), {"default": DEFAULT_MODE, "tooltip": mode_tooltip("mode")}),
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip": mode_tooltip(
+                     "strength", "How hard to push away from the negation set, as a multiple of the mode's default "
+                     "(1.0).", "0 disables the guidance.")}),
         "bandwidth": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 100.0, "step": 0.05, "tooltip":
-                      "Kernel width multiplier. paper: 1.0 = kernel std 3x the noise level, a smoothed density of the "
-                      "set that also covers unwanted images not in it; 0.33 is the exact Gaussian posterior of Eq. 6. "
-                      "reference: multiplies the official fixed sigma 3.15."}),
+                      mode_tooltip("bandwidth", "Kernel width multiplier.")}),
         "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
                           "Start of the guided part of the schedule (0 = first, noisiest step)."}),
         "end_percent": ("FLOAT", {"default": DEFAULT_END_PERCENT, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":

@@ -10,9 +10,12 @@ level rises again (a new run), or when the Safe Denoiser KSampler asks for the r
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+if TYPE_CHECKING:  # type hints only
+    from .guidance_modes import GuidanceMode
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +24,13 @@ class GuidanceReport:
     """Per-run counters of one Safe Denoiser hook (single-threaded: ComfyUI runs one prompt at a time).
 
     Counted per model evaluation: whether any sample was corrected; per batch entry: whether it
-    was corrected at least once; the largest ``beta`` (paper mode, before the trust region) and
-    the largest Eq. 4 shift in units of the noise level ``s_t / a_t`` (RMS over the latent).
+    was corrected at least once; for modes that weight with ``beta`` (:meth:`beta`), the largest
+    ``beta`` (before the trust region) and the largest Eq. 4 shift in units of the noise level
+    ``s_t / a_t`` (RMS over the latent). The mode (a :class:`.guidance_modes.GuidanceMode`) names the
+    run and writes its own part of the summary.
     """
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: GuidanceMode):
         self.mode = mode
         self.last_summary: Optional[str] = None
         self.total_evaluations = 0  # over the hook's lifetime, never reset
@@ -59,9 +64,9 @@ class GuidanceReport:
             nonzero = nonzero[nonzero > 0]
             self._final_sigma = float(nonzero.min()) if nonzero.numel() else None
 
-    def paper(self, beta: torch.Tensor, shift: torch.Tensor, bounded: torch.Tensor) -> None:
-        """Paper mode: ``beta`` ``[B]`` (before the trust region), ``shift`` ``[B]`` in units of
-        ``s_t / a_t``, ``bounded`` ``[B]`` where the trust region shortened the shift."""
+    def beta(self, beta: torch.Tensor, shift: torch.Tensor, bounded: torch.Tensor) -> None:
+        """Corrected where ``beta > 0``: ``beta`` ``[B]`` (before the trust region), ``shift`` ``[B]`` in
+        units of ``s_t / a_t``, ``bounded`` ``[B]`` where the trust region shortened the shift."""
         corrected = (beta > 0).detach().cpu()
         self._corrected(corrected)
         if bool(corrected.any()):
@@ -71,8 +76,8 @@ class GuidanceReport:
             self.max_shift = max(self.max_shift, float(shift[corrected.to(shift.device)].max()))
         self.bounded_evaluations += int(bool(bounded.any()))
 
-    def reference(self, gate: torch.Tensor) -> None:
-        """Reference mode: ``gate`` ``[B]``, where the official gate was open."""
+    def gate(self, gate: torch.Tensor) -> None:
+        """Corrected where ``gate`` ``[B]`` (bool) is open."""
         self._corrected(gate.detach().cpu().bool())
 
     def _corrected(self, mask: torch.Tensor) -> None:
@@ -88,7 +93,7 @@ class GuidanceReport:
 
     def never_called(self) -> str:
         """A sampling run ended without one model evaluation reaching the hook: log it; the text."""
-        text = (f"Safe Denoiser ({self.mode}): a sampling run ended without the guidance being called once: the "
+        text = (f"Safe Denoiser ({self.mode.name}): a sampling run ended without the guidance being called once: the "
                 "sampler or guider bypasses ComfyUI's model hooks, so nothing was corrected. Use KSampler, "
                 "SamplerCustom(Advanced) with a ComfyUI guider, or the Safe Denoiser KSampler.")
         log.warning("%s", text)
@@ -99,22 +104,16 @@ class GuidanceReport:
     def summary(self) -> str:
         """One paragraph: what was corrected, how hard, and what to change if it did nothing."""
         if self.evaluations == 0:
-            return f"Safe Denoiser ({self.mode}): the model was never evaluated."
+            return f"Safe Denoiser ({self.mode.name}): the model was never evaluated."
         n = self.evaluations
         samples = self.sample_corrected if self.sample_corrected is not None else torch.zeros(0, dtype=torch.bool)
         corrected_samples, batch = int(samples.sum()), int(samples.numel())
-        head = (f"Safe Denoiser ({self.mode}): corrected {self.corrected_evaluations} of {n} model evaluations "
+        head = (f"Safe Denoiser ({self.mode.name}): corrected {self.corrected_evaluations} of {n} model evaluations "
                 f"({100.0 * self.corrected_evaluations / n:.0f}%) and {corrected_samples} of {batch} samples "
                 f"({100.0 * corrected_samples / max(batch, 1):.0f}%)")
         if self.corrected_evaluations == 0:
-            hint = ("raise strength or bandwidth, or check that the negation set shows the content you want to avoid"
-                    if self.mode == "paper" else "the official gate never opened: paper mode adapts to your model")
-            return f"{head}: it did nothing ({hint})."
-        if self.mode != "paper":
-            return f"{head}."
-        return (f"{head}; largest beta {self.max_beta:.3g} (at sigma {self.max_beta_sigma:.3g}); largest Eq. 4 shift "
-                f"{self.max_shift:.3g}x the noise level, held to the trust region in {self.bounded_evaluations} "
-                "evaluations.")
+            return f"{head}: it did nothing ({self.mode.idle_hint})."
+        return f"{head}{self.mode.report_details(self)}."
 
     def finish(self) -> str:
         """Log and return the summary of the current run, then start a new one (idempotent between runs)."""

@@ -39,7 +39,7 @@ class NudeNetScorer:
 
     def __init__(self, model_path: str = "", resolution: int = 320, device: str = "cpu",
                  custom: Sequence[str] = ()):
-        self._det = load_pack_file("nodes/nudenet_detector.py", "sdn_nudenet_detector")
+        self._det = load_pack_file("nodes/nudenet_detector.py", "sdn_nodes.nudenet_detector")
         self._reward = load_pack_file("kernels/reward.py", "sdn_kernels_reward")
         path = model_path or self._det.bundled_model_path()
         model = self._det.BUNDLED_MODEL if not model_path else model_path
