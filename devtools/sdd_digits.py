@@ -5,6 +5,7 @@ the prompted digit's rate, the distance to the nearest training digit and the to
 the ten classes against the plain model.
 
 Usage: python -m devtools.sdd_digits [--steps 600] [--learning-rate 3e-4] [--ema 0.99] [--samples 300]
+                                    [--sample-seed 0]
 (needs a ComfyUI that can train: COMFYUI_PATH=/path/to/ComfyUI v0.3.64)
 """
 
@@ -27,7 +28,10 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=3e-4)
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--samples", type=int, default=300)
+    p.add_argument("--sample-seed", type=int, default=0,
+                   help="the samplers' seed (the same for every arm): another seed checks against sampling noise")
     args = p.parse_args()
+    seed = args.sample_seed
     sys.path.insert(0, str(ROOT / "tests"))
     from harness.runtime import ComfySession
 
@@ -65,9 +69,9 @@ def main() -> None:
         def sample(m, prompt, guidance=None):
             latent = {"samples": torch.zeros(args.samples, 4, 8, 8)}
             if guidance is None:
-                return classify(nodes["KSampler"]().sample(m, 0, 20, 1.0, "euler", "normal", cond(prompt), cond("any"),
+                return classify(nodes["KSampler"]().sample(m, seed, 20, 1.0, "euler", "normal", cond(prompt), cond("any"),
                                                            latent, 1.0)[0])
-            result = nodes["SDN_SafeDenoiserKSampler"]().sample(m, 0, 20, 1.0, "euler", "normal", cond(prompt),
+            result = nodes["SDN_SafeDenoiserKSampler"]().sample(m, seed, 20, 1.0, "euler", "normal", cond(prompt),
                                                                 cond("any"), latent, 1.0, negation_set=negation,
                                                                 mode="paper", start_percent=0.0, end_percent=1.0,
                                                                 beta_threshold=0.0, **guidance)
