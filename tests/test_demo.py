@@ -27,7 +27,7 @@ from harness.workflow import EXAMPLE_WORKFLOWS_DIR, check_ui_workflow, load_ui_w
 digits = pack_file("demo/digits.py", "sdn_demo_digits")
 WORKFLOW = EXAMPLE_WORKFLOWS_DIR / "digits_demo.json"
 GOLDEN = Path(__file__).resolve().parent / "digits_golden.json"
-DEFAULT_GUIDANCE = {"mode": "paper", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+DEFAULT_GUIDANCE = {"mode": "calibrated", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
                     "beta_threshold": 0.0}
 
 
