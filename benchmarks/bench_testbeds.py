@@ -4,7 +4,8 @@ Testbeds (tests/harness/testbeds.py): exact low-rank Gaussian mixtures at SD1.5 
 (4x128x128) and SD3/Flux (16x128x128) sizes, one and three unsafe components, EPS and flow (CONST,
 shift 3) parameterisations; an exact point set (30 points in 4x6x6, 8 negated).  Arms: plain,
 oracle (the exact denoiser without the unsafe part), and the arms of ARMS below.  ComfyUI's own
-samplers (euler, dpmpp_2m, euler_ancestral), the pack's own hook.  The digits demo (a learned model) is `bash demo/run.sh`.
+samplers (euler, dpmpp_2m, euler_ancestral), the pack's own hook.  The digits demo (a learned model)
+is `bash demo/run.sh`.
 
 Usage: python benchmarks/bench_testbeds.py [--quick | --testbeds points,SD1.5,SDXL,SD3/Flux] [--batch 48]
        [--arms defaults,ksampler,...]

@@ -214,12 +214,11 @@ class CalibratedMode(PaperMode):
     eta: ClassVar[float] = CALIBRATED_ETA
     tooltips: ClassVar[dict[str, str]] = {
         "mode": "the default: Eq. 4-7 with the odds measured from the negation set's own calibrated level at each "
-                "noise level, and no correction where the kernel no longer averages over the set (never destroys "
-                "samples on the pack's testbeds).",
+                "noise level, and no correction where the kernel no longer averages over the set.",
         "strength": f"eta = {CALIBRATED_ETA:g} x strength, the probability of 'unwanted' given to a sample that the "
                     "set's own calibrated test just claims at that noise level (higher also corrects samples further "
                     "from the set: more removal, more disturbance).",
-        "bandwidth": "as paper.",
+        "bandwidth": "as in paper mode.",
     }
 
     def levels(self, ev: Evaluation, prep: Any, alpha: torch.Tensor, std: torch.Tensor, reach: float) -> torch.Tensor:
