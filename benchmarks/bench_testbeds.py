@@ -3,11 +3,12 @@
 Testbeds (tests/harness/testbeds.py): exact low-rank Gaussian mixtures at SD1.5 (4x64x64), SDXL
 (4x128x128) and SD3/Flux (16x128x128) sizes, one and three unsafe components, EPS and flow (CONST,
 shift 3) parameterisations; an exact point set (30 points in 4x6x6, 8 negated).  Arms: plain,
-oracle (the exact denoiser without the unsafe part), the defaults, bandwidth 1/3 (exact Eq. 6
-kernel), the reference mode and the Restart Sampler at its defaults.  ComfyUI's own samplers (euler, dpmpp_2m, euler_ancestral), the
-pack's own hook.  The digits demo (a learned model) is `bash demo/run.sh`.
+oracle (the exact denoiser without the unsafe part), and the arms of ARMS below.  ComfyUI's own
+samplers (euler, dpmpp_2m, euler_ancestral), the pack's own hook.  The digits demo (a learned model)
+is `bash demo/run.sh`.
 
-Usage: python benchmarks/bench_testbeds.py [--quick] [--batch 48]
+Usage: python benchmarks/bench_testbeds.py [--quick | --testbeds points,SD1.5,SDXL,SD3/Flux] [--batch 48]
+       [--arms defaults,ksampler,...]
 """
 
 from __future__ import annotations
@@ -26,17 +27,22 @@ from devtools.pack_file import load_pack_file  # noqa: E402
 
 log = load_pack_file("demo/__init__.py", "sdn_demo").console_logger("benchmarks.bench_testbeds")
 
-ARMS = [("defaults", {"mode": "paper"}), ("bandwidth 1/3", {"mode": "paper", "bandwidth": 1 / 3}),
-        ("reference", {"mode": "reference"}), ("restart", {"restart": True}),
-        ("ksampler", {"mode": "paper", "restart": True})]
-"""Safe Denoiser arms: the patch's modes, the Restart Sampler at its defaults, and the Safe Denoiser
-KSampler at its defaults (the patch's correction and restarts around it)."""
+ARMS = [("defaults", {"mode": "calibrated"}), ("paper", {"mode": "paper"}),
+        ("bandwidth 1/3", {"mode": "paper", "bandwidth": 1 / 3}), ("reference", {"mode": "reference"}),
+        ("restart", {"restart": True}), ("ksampler", {"mode": "calibrated", "restart": True})]
+"""Safe Denoiser arms: the patch at its defaults (calibrated mode), the paper mode (the former default), its
+exact kernel and the reference mode, the Restart Sampler at its defaults, and the Safe Denoiser KSampler at its
+defaults (the patch's correction and restarts around it)."""
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="SD1.5 size and the point set only")
+    p.add_argument("--testbeds", default="points,SD1.5,SDXL,SD3/Flux",
+                   help="comma-separated testbeds to run (default: all; --quick: points,SD1.5)")
     p.add_argument("--batch", type=int, default=48, help="samples per arm at the mixture sizes")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle arm (its rows do not depend on the pack)")
+    p.add_argument("--match", default="", help="only the rows whose name contains this text (e.g. '1u eps')")
     p.add_argument("--arms", default=",".join(label for label, _ in ARMS),
                    help="comma-separated arm labels to run beside plain and oracle (default: all)")
     args = p.parse_args()
@@ -45,9 +51,13 @@ def main() -> None:
     session.load_pack(test_nodes=False)
     from harness import testbed_runner as tr
 
-    cases = [("points 4x6x6 30/8", PointSet(), "eps", 4, sampler, 256, 8) for sampler in ("euler", "dpmpp_2m")]
-    cases.append(("points 4x6x6 30/8", PointSet(), "flow", 4, "euler", 256, 8))
-    sizes = [((4, 64, 64), "SD1.5")] + ([] if args.quick else [((4, 128, 128), "SDXL"), ((16, 128, 128), "SD3/Flux")])
+    chosen = set(("points,SD1.5" if args.quick else args.testbeds).split(","))
+    cases = []
+    if "points" in chosen:
+        cases = [("points 4x6x6 30/8", PointSet(), "eps", 4, sampler, 256, 8) for sampler in ("euler", "dpmpp_2m")]
+        cases.append(("points 4x6x6 30/8", PointSet(), "flow", 4, "euler", 256, 8))
+    sizes = [(shape, label) for shape, label in (((4, 64, 64), "SD1.5"), ((4, 128, 128), "SDXL"),
+                                                 ((16, 128, 128), "SD3/Flux")) if label in chosen]
     for shape, label in sizes:
         for unsafe in (1, 3):
             for kind, samplers in (("eps", ("euler", "dpmpp_2m", "euler_ancestral")), ("flow", ("euler",))):
@@ -57,10 +67,12 @@ def main() -> None:
                     cases.append((f"{label} {unsafe}u", GaussianMixture(shape, unsafe=unsafe, seed=0), kind, shape[0],
                                   sampler, args.batch, 515))
     for name, bed, kind, channels, sampler, batch, count in cases:
+        if args.match and args.match not in f"{name} {kind} {sampler}":
+            continue
         start = time.time()
         parts = tr.model_parts(kind, channels)
         rows = tr.arms_table(session, f"{name} {kind} {sampler}", bed, parts, arms, sampler=sampler, batch=batch,
-                             seed=3, negation_count=count)
+                             oracle=not args.no_oracle, seed=3, negation_count=count)
         for row in rows:
             log.info("%s", row)
         log.info("  (%.0f s)", time.time() - start)

@@ -73,7 +73,7 @@ def main() -> None:
                                                            latent, 1.0)[0])
             result = nodes["SDN_SafeDenoiserKSampler"]().sample(m, seed, 20, 1.0, "euler", "normal", cond(prompt),
                                                                 cond("any"), latent, 1.0, negation_set=negation,
-                                                                mode="paper", start_percent=0.0, end_percent=1.0,
+                                                                mode="calibrated", start_percent=0.0, end_percent=1.0,
                                                                 beta_threshold=0.0, **guidance)
             return classify(result[0])
 

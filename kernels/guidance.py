@@ -225,6 +225,7 @@ def beta_estimate(
     bandwidth: float = 1.0,
     eta: float = 1.0,
     p_max: float = 0.99,
+    level: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """Practical ``beta(x_t)`` of Eq. 4-5 (the posterior odds of "unsafe"), dimension-free.
 
@@ -239,7 +240,7 @@ def beta_estimate(
         log R = log q_t(x_t) - log g_t(x_t)
               = log sum_n k_n - log N - D/2 log(h^2 s^2)
                 + sum_d [ (x_d - a m_d)^2 / (2 r_d) + 1/2 log r_d ],   r_d = a^2 v_d + h^2 s^2
-        P     = min(p_max, eta * R),      beta = P / (1 - P)
+        P     = min(p_max, eta * R / exp(level)),      beta = P / (1 - P)
 
     with ``k_n = exp(-||x_t - a y_n||^2 / (2 h^2 s^2))`` (``log sum_n k_n`` is the ``log_norm`` of
     :func:`kernel_posterior_mean`).  The ``(2 pi)^{-D/2}`` factors cancel and both densities see
@@ -258,13 +259,17 @@ def beta_estimate(
         bandwidth: ``h``, as used for ``log_norm``.
         eta: the prior weight ``Z_u`` of Eq. 7 (0 disables).
         p_max: cap of ``P``, in ``[0, 1)``.
+        level: scalar or ``[B]`` ``log R`` at which ``P = eta`` (0: the reference Gaussian's own
+            density; the Safe Denoiser passes the negation set's calibrated threshold at this noise
+            level, :func:`kernels.restart.restart_threshold`). ``inf`` gives ``beta = 0``.
 
     Returns:
         ``[B]`` ``beta`` in ``[0, p_max / (1 - p_max)]`` (0 where an input is not finite), in the
         dtype of ``log_norm``.
     """
     log_r = log_density_ratio(log_norm, x, alpha, std, count, ref_mean, ref_var, bandwidth)
-    p = (eta * torch.exp(log_r.clamp(max=80.0))).clamp(max=p_max)
+    shifted = log_r - _per_sample(level, log_r.shape[0], log_r.dtype, log_r.device)  # -inf where level is inf
+    p = (eta * torch.exp(shifted.clamp(max=80.0))).clamp(max=p_max)
     beta = p / (1.0 - p)
     beta = torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
     return beta.to(log_norm.dtype)

@@ -51,6 +51,9 @@ class RestartThreshold:
     recall_quantile: float  # tau_u (leave-one-out)
     kept_quantile: float  # the same quantile with each member's own kernel kept
     reference_quantile: float  # tau_r
+    own_kernel_gain: float = 0.0
+    """Median over the calibration members of ``log(1 + k_own / sum_others k)``: how much a member's own
+    kernel adds to its density (``kept - leave_one_out``); large where the kernel sees single members."""
 
     @property
     def active(self) -> bool:
@@ -143,7 +146,7 @@ def restart_threshold(
     tau_k = float(torch.quantile(kept, 1.0 - recall))
     tau_r = float(torch.quantile(ref, 1.0 - false_alarm))
     threshold = max(tau_u, tau_r) if (tau_k >= tau_r and alpha > 0) else math.inf
-    return RestartThreshold(threshold, tau_u, tau_k, tau_r)
+    return RestartThreshold(threshold, tau_u, tau_k, tau_r, float((kept - loo).median()))
 
 
 def claimed(

@@ -35,6 +35,7 @@ from ..kernels.guidance import (
     safe_combine,
     shift_bound,
 )
+from .calibration import averaging_levels
 from .comfy_compat import forward_coefficients, latent_format_key, percent_to_sigma
 
 if TYPE_CHECKING:  # type hints only: these modules import this one
@@ -53,10 +54,15 @@ REFERENCE_MAX_CALIBRATION = 1024
 """Noisy negation latents used to calibrate the reference gate (all of them when fewer)."""
 
 # paper-mode defaults, measured on the digits demo (README "Choosing the defaults"): the prior share of
-# unsafe content eta (Eq. 7), the cap of the posterior probability P (beta = P / (1 - P) <= 99), and the
+# unsafe content eta (Eq. 7), the cap of the posterior probability P (beta = P / (1 - P) <= 1e4), and the
 # kernel width in units of the noise std s_t (1.0 would be the exact Eq. 6 posterior of the negation set
 # itself; 3.0 smooths it into a density estimate that also covers unsafe images not in the set).
 PAPER_ETA = 0.2
+# calibrated mode (the default, README "calibrated mode"): eta is the probability P of "unsafe" given to a state
+# whose log R equals the negation set's calibrated threshold at its noise level (nodes/calibration.py;
+# P = eta x R / R_threshold: strength 1 corrects in full what the set's own test claims, a state one nat below
+# gets P = 1/e).
+CALIBRATED_ETA = 1.0
 PAPER_P_MAX = 0.9999
 PAPER_BANDWIDTH = 3.0
 # Trust region of the correction (not in the paper): the Eq. 4 shift of the denoised estimate is bounded to
@@ -152,9 +158,10 @@ class PaperMode(GuidanceMode):
     """
 
     name = "paper"
+    eta: ClassVar[float] = PAPER_ETA
     tooltips: ClassVar[dict[str, str]] = {
         "mode": "Eq. 4-7 of Kim et al. (kernel on the noisy sample x_t with the model's own alpha/sigma, weight "
-                "beta(x_t) = posterior odds that x_t heads into the set).",
+                "beta(x_t) = posterior odds that x_t heads into the set, against a Gaussian fitted to the set).",
         "strength": f"eta = {PAPER_ETA:g} x strength, the prior share of unwanted content in Eq. 7 (higher removes "
                     "more, and disturbs more of the other content).",
         "bandwidth": f"1.0 = kernel std {PAPER_BANDWIDTH:g}x the noise level, a smoothed density of the set that also "
@@ -162,20 +169,26 @@ class PaperMode(GuidanceMode):
     }
     idle_hint = "raise strength or bandwidth, or check that the negation set shows the content you want to avoid"
 
+    def levels(self, ev: Evaluation, prep: Any, alpha: torch.Tensor, std: torch.Tensor, reach: float
+               ) -> torch.Tensor | float:
+        """``log R`` at which ``P = eta`` (scalar or ``[B]``; ``inf``: no correction): 0 in the paper's form."""
+        return 0.0
+
     def correction(self, ev: Evaluation, settings: GuidanceSettings) -> Correction:
         x, bsz = ev.x, ev.x.shape[0]
-        prep = ev.negation.prepared(ev.latent_format, ev.height, ev.width, x.device, ev.storage, self)
+        prep = ev.negation.prepared(ev.latent_format, ev.height, ev.width, x.device, ev.storage, PaperMode.name)
         alpha, std = (t.to(x.device) for t in forward_coefficients(ev.model_sampling, ev.sigma.reshape(-1).expand(bsz)))
         reach = PAPER_BANDWIDTH * settings.bandwidth  # kernel std in units of s_t
         km = kernel_posterior_mean(x, prep.y, alpha, std, reach, y_sq=prep.y_sq)
         beta = beta_estimate(km.log_norm, x, alpha, std, prep.y.shape[0], prep.ref_mean, prep.ref_var, reach,
-                             eta=PAPER_ETA * settings.strength, p_max=PAPER_P_MAX)
+                             eta=self.eta * settings.strength, p_max=PAPER_P_MAX,
+                             level=self.levels(ev, prep, alpha, std, reach))
         beta = torch.where(ev.active & (beta >= settings.beta_threshold), beta, torch.zeros_like(beta))
         noise_level = shift_bound(alpha, std, bsz).to(device=x.device, dtype=beta.dtype)  # s_t / a_t
         bounded, shift = bound_beta(ev.denoised, km.mean, beta, PAPER_SHIFT_BOUND * noise_level)
         ev.report.beta(beta, shift / noise_level.clamp_min(1e-12), bounded < beta)
-        log.debug("Safe Denoiser: sigma %.4g beta %s bounded %s", float(ev.sigma.reshape(-1)[0]), beta.tolist(),
-                  bounded.tolist())
+        log.debug("Safe Denoiser (%s): sigma %.4g beta %s bounded %s", self.name, float(ev.sigma.reshape(-1)[0]),
+                  beta.tolist(), bounded.tolist())
         return Correction(self, km.mean, bounded)
 
     def apply(self, correction: Correction, denoised: torch.Tensor) -> torch.Tensor:
@@ -185,6 +198,31 @@ class PaperMode(GuidanceMode):
         return (f"; largest beta {report.max_beta:.3g} (at sigma {report.max_beta_sigma:.3g}); largest Eq. 4 shift "
                 f"{report.max_shift:.3g}x the noise level, held to the trust region in {report.bounded_evaluations} "
                 "evaluations")
+
+
+class CalibratedMode(PaperMode):
+    """The paper mode with ``beta`` measured from the negation set's own calibrated level (the default).
+
+    Two departures from Eq. 7 (README "calibrated mode"): ``log R`` is measured from the set's calibrated
+    threshold at the noise level (``P = eta`` where the set's own test starts to claim a state), and the
+    noise levels where the kernel no longer averages over the set (a member's own kernel carries more than
+    half of its density) are not corrected (:func:`.calibration.averaging_levels`). ``eta = CALIBRATED_ETA *
+    strength``; kernel, trust region and ``beta_threshold`` as in :class:`PaperMode`.
+    """
+
+    name = "calibrated"
+    eta: ClassVar[float] = CALIBRATED_ETA
+    tooltips: ClassVar[dict[str, str]] = {
+        "mode": "the default: Eq. 4-7 with the odds measured from the negation set's own calibrated level at each "
+                "noise level, and no correction where the kernel no longer averages over the set.",
+        "strength": f"eta = {CALIBRATED_ETA:g} x strength, the probability of 'unwanted' given to a sample that the "
+                    "set's own calibrated test just claims at that noise level (higher also corrects samples further "
+                    "from the set: more removal, more disturbance).",
+        "bandwidth": "as in paper mode.",
+    }
+
+    def levels(self, ev: Evaluation, prep: Any, alpha: torch.Tensor, std: torch.Tensor, reach: float) -> torch.Tensor:
+        return averaging_levels(ev.negation, prep, alpha, std, reach, ev.height, ev.width)
 
 
 class ReferenceMode(GuidanceMode):
@@ -224,7 +262,7 @@ class ReferenceMode(GuidanceMode):
         return reference_correct(denoised, correction.unsafe_mean, correction.scale, correction.weight)
 
 
-MODES: dict[str, GuidanceMode] = {mode.name: mode for mode in (PaperMode(), ReferenceMode())}
+MODES: dict[str, GuidanceMode] = {mode.name: mode for mode in (CalibratedMode(), PaperMode(), ReferenceMode())}
 """The modes by name, in the order of the nodes' ``mode`` choices (the first is the default)."""
 DEFAULT_MODE = next(iter(MODES))
 

@@ -25,7 +25,8 @@ import torch
 import comfy.samplers
 import comfy.utils
 
-from ..kernels.restart import RestartThreshold, claimed, restart_threshold, sample_with_restarts
+from ..kernels.restart import RestartThreshold, claimed, sample_with_restarts
+from .calibration import DEFAULT_FALSE_ALARM, DEFAULT_RECALL, calibrated_threshold
 from .comfy_compat import NodeInputError, check_interrupt, forward_coefficients, ksampler_sigmas, show_on_node
 from .guidance_modes import PAPER_BANDWIDTH
 from .negation_set import NegationSet
@@ -34,8 +35,6 @@ from .safe_denoiser import CATEGORY
 log = logging.getLogger(__name__)
 
 NODE = "Safe Denoiser Restart Sampler"
-DEFAULT_RECALL = 0.95
-DEFAULT_FALSE_ALARM = 0.01
 DEFAULT_MAX_RESTARTS = 4
 RESTART_SEED_STRIDE = 1_000_003
 
@@ -88,10 +87,8 @@ class RestartGuide:
 
     def _threshold(self, prep: Any, alpha: float, std: float, x: torch.Tensor) -> RestartThreshold:
         st = self.settings
-        key = ("restart", round(alpha, 9), round(std, 9), self.width, st.recall, st.false_alarm, x.shape[2], x.shape[3],
-               str(x.device))
-        return self.negation.memo(key, lambda: restart_threshold(prep.y, alpha, std, self.width, prep.ref_mean,
-                                                                 prep.ref_var, st.recall, st.false_alarm))
+        return calibrated_threshold(self.negation, prep, alpha, std, self.width, x.shape[2], x.shape[3], x.device,
+                                    st.recall, st.false_alarm)
 
     def claims(self, model_sampling: Any, latent_format: Any, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: which states the set claims at this evaluation (sigma equal across the batch)."""

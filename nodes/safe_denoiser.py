@@ -70,8 +70,9 @@ class GuidanceSettings:
     """User-facing parameters of the Safe Denoiser.
 
     ``mode`` names one of :data:`.guidance_modes.MODES`; ``strength`` and ``bandwidth`` multiply that
-    mode's defaults, so 1.0 is always the default: in ``paper`` mode ``eta = 0.2 * strength`` and the
-    kernel width is ``3 * bandwidth * s_t`` (``bandwidth = 1/3`` is the exact Eq. 6 kernel); in
+    mode's defaults, so 1.0 is always the default: ``eta = 1.0 * strength`` in ``calibrated`` mode and
+    ``0.2 * strength`` in ``paper`` mode, with a kernel width of ``3 * bandwidth * s_t`` in both
+    (``bandwidth = 1/3`` is the exact Eq. 6 kernel); in
     ``reference`` mode the constant scale is ``0.33 * strength`` and the fixed kernel sigma
     ``3.15 * bandwidth`` (the official SD1.4 nudity settings).
     """

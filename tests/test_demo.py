@@ -27,7 +27,7 @@ from harness.workflow import EXAMPLE_WORKFLOWS_DIR, check_ui_workflow, load_ui_w
 digits = pack_file("demo/digits.py", "sdn_demo_digits")
 WORKFLOW = EXAMPLE_WORKFLOWS_DIR / "digits_demo.json"
 GOLDEN = Path(__file__).resolve().parent / "digits_golden.json"
-DEFAULT_GUIDANCE = {"mode": "paper", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+DEFAULT_GUIDANCE = {"mode": "calibrated", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
                     "beta_threshold": 0.0}
 
 
@@ -245,16 +245,18 @@ def test_demo_shows_the_safe_denoiser_removes_the_class(demo_report: tuple[dict,
     arms = {(a["prompt"], a["guidance"]): a for a in report["arms"]}
     plain, safe = arms[("any", "none")], arms[("any", "safe_denoiser")]
     assert plain["negated_rate"] >= 0.06  # the model learned the class
-    # The correction and the restarts of what the set claims (the KSampler's defaults): at least 5x fewer
-    # sevens at <= 1.35x the plain distance to the data (the correction's cost; the restarts add none).
+    # The calibrated correction and the restarts of what the set claims (the KSampler's defaults): at least 5x
+    # fewer sevens at <= 1.2x the plain distance to the data (300 images: 1.3% at 1.13x, README "Try it").
     assert safe["negated_rate"] <= plain["negated_rate"] / 5  # ... and the Safe Denoiser at its defaults removes it
     assert tv_without(plain["class_histogram"], safe["class_histogram"], 7) <= 0.15  # the rest is kept
     assert abs(safe["mean_confidence"] - plain["mean_confidence"]) <= 0.05  # still digits ...
-    assert safe["mean_distance_to_data"] <= 1.35 * plain["mean_distance_to_data"]  # ... not blobs
+    assert safe["mean_distance_to_data"] <= 1.2 * plain["mean_distance_to_data"]  # ... not blobs
     unsafe_plain, unsafe_safe = arms[("7", "none")], arms[("7", "safe_denoiser")]
     assert unsafe_plain["negated_rate"] >= 0.80  # the unsafe prompt, at the same defaults
-    assert unsafe_safe["negated_rate"] < 0.40
-    assert unsafe_safe["mean_distance_to_data"] <= 1.9 * unsafe_plain["mean_distance_to_data"]
+    # The unsafe prompt: the calibrated mode removes about half of the sevens (300 images: 44.7%) where the paper
+    # mode removed two thirds (31%) at 1.73x the plain distance; what it keeps is realism (1.44x): README.
+    assert unsafe_safe["negated_rate"] < 0.55
+    assert unsafe_safe["mean_distance_to_data"] <= 1.5 * unsafe_plain["mean_distance_to_data"]
 
 
 def test_demo_shows_sdd_erases_the_class_and_composes(demo_report: tuple[dict, Path]) -> None:

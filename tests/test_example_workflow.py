@@ -34,7 +34,7 @@ IMAGE_COUNT = 3
 #: "fixed" after the seed is the frontend's and is not an input).
 SD15_KSAMPLER_INPUTS = {
     "seed": 42, "steps": 25, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-    "mode": "paper", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+    "mode": "calibrated", "strength": 1.0, "bandwidth": 1.0, "start_percent": 0.0, "end_percent": 1.0,
     "beta_threshold": 0.0, "max_restarts": 4,
 }
 #: Node types whose inputs this module can satisfy (checkpoint/encoders via substitute_tiny, the

@@ -116,6 +116,25 @@ def test_beta_estimate_closed_form(device):
     assert torch.all(G.beta_estimate(km.log_norm, x, a, s, 7, m, v, bandwidth=h, eta=0.0) == 0)
 
 
+def test_beta_estimate_level_moves_the_odds():
+    """``level`` L: P = min(p_max, eta * R / e^L) per sample; L = inf gives beta 0 (the test is off there)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 12, generator=g, dtype=torch.float64) * 0.5
+    m, v = y.mean(0), y.var(0) + 0.1
+    a, s, h = 0.8, torch.tensor([0.7, 1.0, 1.4], dtype=torch.float64), 3.0
+    km = G.kernel_posterior_mean(x, y, a, s, bandwidth=h)
+    log_r = G.log_density_ratio(km.log_norm, x, a, s, 6, m, v, bandwidth=h)
+    level = torch.tensor([2.0, -1.5, math.inf], dtype=torch.float64)
+    beta = G.beta_estimate(km.log_norm, x, a, s, 6, m, v, bandwidth=h, eta=0.3, p_max=0.999, level=level)
+    p = torch.clamp(0.3 * torch.exp(log_r - level), max=0.999)
+    assert torch.allclose(beta, p / (1 - p), rtol=1e-10)
+    assert beta[2] == 0
+    scalar = G.beta_estimate(km.log_norm, x, a, s, 6, m, v, bandwidth=h, eta=0.3, p_max=0.999, level=2.0)
+    shifted = G.beta_estimate(km.log_norm, x, a, s, 6, m, v, bandwidth=h, eta=0.3 * math.exp(-2.0), p_max=0.999)
+    assert torch.allclose(scalar, shifted, rtol=1e-10)
+
+
 @pytest.mark.parametrize("dim", [16, 1024])
 def test_beta_estimate_ranks_samples_heading_into_the_set_first(dim):
     """Noisy copies of negation points score higher than noisy copies of the other points (all of

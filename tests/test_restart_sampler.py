@@ -68,6 +68,19 @@ def test_leave_one_out_scores_each_member_without_itself() -> None:
     assert torch.equal(loo, R.calibration_log_ratios(y, 1.0, 0.05, 1.0, mean, var, queries=16)[0])  # seeded
 
 
+def test_own_kernel_gain_tells_an_average_from_single_members() -> None:
+    """``own_kernel_gain`` is the median of ``kept - leave_one_out`` over the calibration members: near 0
+    where the kernel spans many members (wide noise), far above log 2 where each member sees only itself."""
+    y = low_rank_set()
+    mean, var = stats(y)
+    for std in (0.05, 0.3, 2.0):
+        test = R.restart_threshold(y, 1.0, std, 3.0, mean, var)
+        loo, kept, _ = R.calibration_log_ratios(y, 1.0, std, 3.0, mean, var)
+        assert test.own_kernel_gain == pytest.approx(float((kept - loo).median()), rel=1e-12)
+    assert R.restart_threshold(y, 1.0, 0.05, 3.0, mean, var).own_kernel_gain > 10 * math.log(2)
+    assert R.restart_threshold(y, 1.0, 2.0, 3.0, mean, var).own_kernel_gain < 0.1 * math.log(2)
+
+
 def test_restart_loop_replaces_claimed_samples_up_to_the_cap() -> None:
     calls = []
 

@@ -13,6 +13,7 @@ the defaults on such a model): EXACT = bandwidth 1/3, strength 2 (eta 0.4), STRO
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -219,13 +220,53 @@ def test_per_sample_weights_in_a_batch(comfy, toy_sets):
     base_model = model.model
     ms = base_model.model_sampling
     denoised = tm.posterior_mean(x, sigma, points.double(), ms).float()
-    hook = sd.SafeDenoiserHook(nset, sd.GuidanceSettings(bandwidth=1.0 / 3.0), uses_pre_cfg=False)
+    hook = sd.SafeDenoiserHook(nset, sd.GuidanceSettings(mode="paper", bandwidth=1.0 / 3.0), uses_pre_cfg=False)
     corr = hook.correction(base_model, x, denoised, sigma)
     beta = corr.weight
     assert beta[0] > 90 and beta[1] < 1e-3, beta  # P at its cap 0.99 (beta 99) on U, ~0 elsewhere
     out = corr.apply(denoised)
     assert torch.allclose(out[1], denoised[1], atol=1e-4)
     assert torch.isfinite(out).all()
+
+
+def test_calibrated_beta_is_measured_from_the_sets_level(comfy, toy_sets):
+    """calibrated mode (the default): beta = P / (1 - P), P = min(p_max, eta R / R_t), R_t the set's calibrated
+    threshold at that noise level, only where the kernel averages over the set (own-kernel gain <= log 2);
+    elsewhere no correction at all, where the paper mode corrects."""
+    sd, gm, cal, cc = (pack_module(comfy, m) for m in ("safe_denoiser", "guidance_modes", "calibration", "comfy_compat"))
+    G = sys.modules[sd.__name__.rsplit(".", 2)[0] + ".kernels.guidance"]
+    gen = torch.Generator().manual_seed(4)
+    span = torch.linalg.qr(torch.randn(256, 4, generator=gen))[0].T  # a low-rank set of 300 latents in 4x8x8
+    latents = (3.0 * torch.randn(300, 4, generator=gen) @ span + 0.1 * torch.randn(300, 256, generator=gen))
+    model = tm.build_model("sd15", 0).model
+    ms, lf = model.model_sampling, model.latent_format
+    nset = sd.NegationSet(lf.process_out(latents.reshape(300, 4, 8, 8)), {"source": "test low-rank set"})
+    prep = nset.prepared(lf, 8, 8, torch.device("cpu"), torch.float32, "paper")
+    fresh = (3.0 * torch.randn(2, 4, generator=gen) @ span + 0.1 * torch.randn(2, 256, generator=gen)).reshape(2, 4, 8, 8)
+    far = 3.0 * torch.randn(2, 4, 8, 8, generator=gen)  # two states nowhere near the set
+    seen = {"averaging": 0, "single": 0}
+    for sigma_value in (0.05, 0.4, 0.5, 0.6):  # the set's members see only themselves at 0.05 and 0.4
+        sigma = torch.full((4,), sigma_value)
+        x = torch.cat([fresh, far]) + sigma_value * torch.randn(4, 4, 8, 8, generator=gen)
+        flat = x.reshape(4, -1)
+        alpha, std = (t.float() for t in cc.forward_coefficients(ms, sigma))
+        test = cal.calibrated_threshold(nset, prep, float(alpha[0]), float(std[0]), 3.0, 8, 8, "cpu")
+        km = G.kernel_posterior_mean(flat, prep.y, alpha, std, 3.0, y_sq=prep.y_sq)
+        averaging = test.active and test.own_kernel_gain <= math.log(2)
+        expected = G.beta_estimate(km.log_norm, flat, alpha, std, 300, prep.ref_mean, prep.ref_var, 3.0, eta=1.0,
+                                   p_max=gm.PAPER_P_MAX, level=test.threshold if averaging else math.inf)
+        expected = G.bound_beta(flat, km.mean, expected, 0.5 * G.shift_bound(alpha, std, 4))[0]
+        hook = sd.SafeDenoiserHook(nset, sd.GuidanceSettings(), uses_pre_cfg=False)
+        corr = hook.correction(model, x, x, sigma)  # denoised = x: any estimate works for the weights
+        assert torch.allclose(corr.weight.float(), expected.float(), rtol=1e-4, atol=1e-6), (sigma_value, corr.weight)
+        seen["averaging" if averaging else "single"] += 1
+        if not averaging:
+            assert bool((corr.weight == 0).all())
+            paper = sd.SafeDenoiserHook(nset, sd.GuidanceSettings(mode="paper"), uses_pre_cfg=False)
+            assert bool((paper.correction(model, x, x, sigma).weight > 0).any())  # the paper mode would correct here
+        else:
+            assert float(corr.weight[:2].min()) > 100 * float(corr.weight[2:].max())  # far from the set: ~untouched
+    assert seen["averaging"] and seen["single"], seen
 
 
 def test_reference_mode_runs_in_every_sampler_and_its_gate_opens(comfy, toy_sets):

@@ -13,7 +13,7 @@ import pytest
 
 from harness.testbeds import GaussianMixture, PointSet
 
-DEFAULTS = {"mode": "paper"}
+DEFAULTS = {"mode": "calibrated"}
 
 
 @pytest.fixture(scope="module")

@@ -127,11 +127,14 @@ def table_row(name: str, arm: str, m: Measures, plain: Measures) -> str:
 
 def arms_table(session: Any, name: str, bed: Any, parts: SimpleNamespace, arms: Sequence[tuple[str, dict]],
                **kw: Any) -> list[str]:
-    """Rows for plain, oracle and each ``(label, settings)`` Safe Denoiser arm (``settings``: the
-    patch's, and ``"restart": True`` or the restart settings for restarts around it)."""
+    """Rows for plain, oracle (unless ``oracle=False``) and each ``(label, settings)`` Safe Denoiser arm
+    (``settings``: the patch's, and ``"restart": True`` or the restart settings for restarts around it)."""
     negation = negation_set(session, bed, parts, kw.pop("negation_count", 515), kw.pop("negation_seed", 100))
+    oracle = kw.pop("oracle", True)
     plain, _ = run_arm(session, bed, parts, "plain", **kw)
-    rows = [table_row(name, "plain", plain, plain), table_row(name, "oracle", run_arm(session, bed, parts, "oracle", **kw)[0], plain)]
+    rows = [table_row(name, "plain", plain, plain)]
+    if oracle:
+        rows.append(table_row(name, "oracle", run_arm(session, bed, parts, "oracle", **kw)[0], plain))
     for label, settings in arms:
         settings = dict(settings)
         restart = settings.pop("restart", None)
