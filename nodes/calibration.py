@@ -1,11 +1,12 @@
 """The negation set's calibrated test at one noise level, memoised on the set.
 
-Shared by the Safe Denoiser's weight ``beta`` (calibrated mode: ``log R`` is measured from the test's
-threshold, so ``P = eta`` exactly where the test starts to claim, and only where the kernel averages
-over the set) and by the Restart Sampler (a state above the threshold is claimed). The threshold is :func:`kernels.restart.restart_threshold`:
-the larger of the set's own noisy members' ``1 - recall`` quantile of ``log R`` (each scored without
-its own kernel) and the reference Gaussian's ``1 - false_alarm`` quantile; ``inf`` where the kernel
-cannot tell the two apart (the first steps of flow models).
+Shared by the Safe Denoiser's weight ``beta`` (calibrated mode: ``log R`` is measured from the
+test's threshold, so ``P = eta`` exactly where the test starts to claim, and only where the kernel
+averages over the set) and by the Restart Sampler (a state above the threshold is claimed). The
+threshold is :func:`kernels.restart.restart_threshold`: the larger of the set's own noisy members'
+``1 - recall`` quantile of ``log R`` (each scored without its own kernel) and the reference
+Gaussian's ``1 - false_alarm`` quantile; ``inf`` where the kernel cannot tell the two apart (the
+first steps of flow models).
 """
 
 from __future__ import annotations
