@@ -42,7 +42,8 @@ def calibrated_threshold(negation: Any, prep: Any, alpha: float, std: float, wid
 
 
 def averaging_levels(negation: Any, prep: Any, alpha: torch.Tensor, std: torch.Tensor, width: float, height: int,
-                     pixels: int, max_own_gain: float = math.log(2.0)) -> torch.Tensor:
+                     pixels: int, max_own_gain: float = math.log(2.0),
+                     device: torch.device | str | None = None) -> torch.Tensor:
     """``[B]`` float64: the threshold of :func:`calibrated_threshold` at each sample's ``(a_t, s_t)`` where the
     kernel still averages over the set, ``inf`` elsewhere (and where the test is off).
 
@@ -51,15 +52,18 @@ def averaging_levels(negation: Any, prep: Any, alpha: torch.Tensor, std: torch.T
     kernel mean of Eq. 6 is the nearest member, not an estimate of ``E_unsafe``.
 
     Args:
-        alpha, std: ``[B]`` tensors of ``a_t``, ``s_t``; the result is on ``alpha``'s device.
+        alpha, std: ``[B]`` tensors of ``a_t``, ``s_t`` (on the CPU: they are read as floats).
+        device: where ``prep`` lives and the result goes (default: ``alpha``'s device).
         the others: as :func:`calibrated_threshold`.
     """
+    device = alpha.device if device is None else torch.device(device)
+
     def level(a: float, s: float) -> float:
         if not s > 0:
             return math.inf
-        test = calibrated_threshold(negation, prep, a, s, width, height, pixels, alpha.device)
+        test = calibrated_threshold(negation, prep, a, s, width, height, pixels, device)
         return test.threshold if test.own_kernel_gain <= max_own_gain else math.inf
 
     pairs = [(float(a), float(s)) for a, s in zip(alpha.reshape(-1).tolist(), std.reshape(-1).tolist())]
     levels = {pair: level(*pair) for pair in set(pairs)}
-    return torch.tensor([levels[pair] for pair in pairs], dtype=torch.float64, device=alpha.device)
+    return torch.tensor([levels[pair] for pair in pairs], dtype=torch.float64, device=device)

@@ -187,8 +187,9 @@ class PaperMode(GuidanceMode):
         noise_level = shift_bound(alpha, std, bsz).to(device=x.device, dtype=beta.dtype)  # s_t / a_t
         bounded, shift = bound_beta(ev.denoised, km.mean, beta, PAPER_SHIFT_BOUND * noise_level)
         ev.report.beta(beta, shift / noise_level.clamp_min(1e-12), bounded < beta)
-        log.debug("Safe Denoiser (%s): sigma %.4g beta %s bounded %s", self.name, float(ev.sigma.reshape(-1)[0]),
-                  beta.tolist(), bounded.tolist())
+        if log.isEnabledFor(logging.DEBUG):  # the lists copy from the device: only when someone reads them
+            log.debug("Safe Denoiser (%s): sigma %.4g beta %s bounded %s", self.name, float(ev.sigma.reshape(-1)[0]),
+                      beta.tolist(), bounded.tolist())
         return Correction(self, km.mean, bounded)
 
     def apply(self, correction: Correction, denoised: torch.Tensor) -> torch.Tensor:
@@ -222,7 +223,10 @@ class CalibratedMode(PaperMode):
     }
 
     def levels(self, ev: Evaluation, prep: Any, alpha: torch.Tensor, std: torch.Tensor, reach: float) -> torch.Tensor:
-        return averaging_levels(ev.negation, prep, alpha, std, reach, ev.height, ev.width)
+        # the memo is keyed on host floats: one copy of the [B] sigmas, not of the device's alpha and std
+        host_alpha, host_std = forward_coefficients(ev.model_sampling, ev.sigma.reshape(-1).cpu().expand(alpha.shape[0]))
+        return averaging_levels(ev.negation, prep, host_alpha, host_std, reach, ev.height, ev.width,
+                                device=alpha.device)
 
 
 class ReferenceMode(GuidanceMode):
@@ -254,7 +258,8 @@ class ReferenceMode(GuidanceMode):
                              REFERENCE_MARGIN)
         km = reference_kernel_mean(ev.denoised, prep.y, ksigma, y_sq=prep.y_sq)
         is_open = gate.open(km.log_norm) & ev.active
-        log.debug("Safe Denoiser (reference): sigma %.4g gate %s", float(ev.sigma.reshape(-1)[0]), is_open.tolist())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Safe Denoiser (reference): sigma %.4g gate %s", float(ev.sigma.reshape(-1)[0]), is_open.tolist())
         ev.report.gate(is_open)
         return Correction(self, km.mean, is_open, REFERENCE_SCALE * settings.strength)
 
