@@ -16,6 +16,7 @@ same inputs resumes from it (the report says so).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.model_management
 
@@ -62,6 +64,12 @@ class SDDSettings:
     width: int = 512
     height: int = 512
     seed: int = 0
+    gradient_checkpointing: bool = True
+
+    def result_settings(self) -> dict:
+        """The settings that decide the trained weights (the file's metadata, the resume key): all but
+        ``gradient_checkpointing``, which changes memory and time only."""
+        return {k: v for k, v in asdict(self).items() if k != "gradient_checkpointing"}
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -143,6 +151,30 @@ def _trainable_copy(unet: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     return student
 
 
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _checkpoint_layers_(student: torch.nn.Module) -> int:
+    """Gradient checkpointing on the student (the pack's own copy): each outermost layer that is not a
+    container (the UNet calls the layers of its ``TimestepEmbedSequential`` blocks one by one: ResBlocks,
+    SpatialTransformers, up/down-sampling) keeps only its inputs for the backward pass and recomputes its
+    activations there (``torch.utils.checkpoint``, non-reentrant): the layers ComfyUI's own training node
+    checkpoints. The gradients are the same; the activation memory drops to one layer's, for about one
+    more forward pass of compute. Returns the number of layers wrapped."""
+    containers = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+    layers, stack = [], list(student.children())
+    while stack:
+        module = stack.pop(0)
+        if isinstance(module, containers):
+            stack[:0] = list(module.children())
+        else:
+            layers.append(module)
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+    return len(layers)
+
+
 def _backward(loss: torch.Tensor) -> None:
     try:
         loss.backward()
@@ -155,7 +187,7 @@ def _backward(loss: torch.Tensor) -> None:
 
 
 def _signature(model: Any, concepts: list, uncond: list, settings: SDDSettings) -> str:
-    h = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(settings.result_settings(), sort_keys=True).encode())
     h.update(str(id(model.model)).encode())
     h.update(json.dumps(sorted(str(k) for k in model.patches)).encode())
     for tensor, _ in concepts + uncond:
@@ -195,6 +227,8 @@ def _train(model: Any, concepts: Any, uncond: Any, settings: SDDSettings) -> tup
     signature = _signature(model, concept_entries, uncond_entries, settings)
     student = _trainable_copy(unet, device)
     teacher = copy.deepcopy(student).eval()
+    if settings.gradient_checkpointing:
+        _checkpoint_layers_(student)  # after the teacher's copy: the teacher never runs backward
     trained = [n for n in names if trained_parameter(n, settings.parameter_set)]
     params = dict(student.named_parameters())
     trained_set = set(trained)
@@ -284,7 +318,7 @@ def _result(model: Any, trained: list[str], t_params: dict[str, torch.Tensor], s
     bare = {k[len("diffusion_model."):]: v for k, v in edited.items()}
     meta = {"format": "concept_erased", "method": "SDD (safe self-distillation)", "version": "1",
             "concepts": json.dumps([f"conditioning {i + 1}" for i in range(len(concepts))]),
-            "settings": json.dumps(asdict(settings)), "base_model": model_label(model)}
+            "settings": json.dumps(settings.result_settings()), "base_model": model_label(model)}
     edit = ConceptEdit(bare, {k: names[k] for k in bare if k in names}, meta)
     count = sum(v.numel() for v in edited.values())
     total = sum(v.numel() for k, v in model_sd.items() if k.startswith("diffusion_model."))
@@ -296,7 +330,8 @@ def _result(model: Any, trained: list[str], t_params: dict[str, torch.Tensor], s
         f"({100.0 * count / max(total, 1):.1f}%); the EMA teacher (decay {settings.ema_decay:g}) is the result",
         f"loss: first {tenth} steps mean {first:.4g} -> last {tenth} steps mean {last:.4g}",
         f"AdamW lr {settings.learning_rate:g}, CFG {settings.guidance:g}, latents {settings.width}x{settings.height} px, "
-        f"seed {settings.seed}; {seconds:.1f} s ({(settings.steps - start) / max(seconds, 1e-9):.2f} steps/s)",
+        f"seed {settings.seed}, gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}; "
+        f"{seconds:.1f} s ({(settings.steps - start) / max(seconds, 1e-9):.2f} steps/s)",
     ])
     log.info("%s", report.replace("\n", " | "))
     return patched, edit, report
@@ -354,11 +389,17 @@ class EraseConceptSDD:
                        "Image height of the training samples in px."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
                      "Seed of the training noise and timesteps: the same seed gives the same weights."}),
+        }, "optional": {
+            "gradient_checkpointing": ("BOOLEAN", {"default": d.gradient_checkpointing, "tooltip":
+                                       "Recompute each UNet layer's activations in the backward pass instead of "
+                                       "keeping them: less memory for the student's backward pass, for one more "
+                                       "forward pass of it per step. The trained weights are the same either way "
+                                       "(bit for bit on the CPU)."}),
         }}
 
     def train(self, model, concepts, unconditional, steps, learning_rate, ema_decay, guidance, parameters, width,
-              height, seed):
+              height, seed, gradient_checkpointing=SDDSettings.gradient_checkpointing):
         settings = SDDSettings(int(steps), float(learning_rate), float(ema_decay), float(guidance), parameters,
-                               int(width), int(height), int(seed))
+                               int(width), int(height), int(seed), bool(gradient_checkpointing))
         patched, edit, report = train_sdd(model, concepts, unconditional, settings)
         return {"ui": {"text": [report]}, "result": (patched, edit, report)}

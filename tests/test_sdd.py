@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from safetensors import safe_open
 
 from harness.locate import pack_file
@@ -61,6 +62,29 @@ def test_the_same_seed_gives_the_same_weights(comfy, current):
     other = run(comfy, model, seed=1)[1]
     assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
     assert any(not torch.equal(first.weights[k], other.weights[k]) for k in first.weights)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(comfy, current, monkeypatch):
+    """Checkpointing recomputes each layer's activations in the backward pass: on the CPU the recomputation
+    repeats the same operations, so the trained weights must be bit for bit those of the plain backward,
+    and the student's layers must really run under ``torch.utils.checkpoint`` (counted through a
+    pass-through wrapper)."""
+    model = tm.build_model("sd15", 0)
+    plain = run(comfy, model, gradient_checkpointing=False)[1]
+    calls = {"n": 0}
+    original = torch.utils.checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting)
+    _, checkpointed, report = run(comfy, model, gradient_checkpointing=True)
+    monkeypatch.undo()
+    assert calls["n"] >= FAST["steps"] * 3, calls  # the layers of every student forward
+    assert "gradient checkpointing on" in report
+    assert checkpointed.weights.keys() == plain.weights.keys()
+    assert all(torch.equal(checkpointed.weights[k], w) for k, w in plain.weights.items())
 
 
 def erasure_gap(comfy, model) -> float:
