@@ -8,7 +8,7 @@ graph would call it. ``--model digits`` (default): the digits demo model, the di
 random 77x768 text conditionings, 512x512 px, batch 1: the memory an SD1.5 run needs, before any
 GPU is at hand (needs a ComfyUI that can train: v0.3.64).
 
-Usage: python benchmarks/bench_sdd.py [--steps 40] [--model digits|sd15]
+Usage: python benchmarks/bench_sdd.py [--steps 40] [--model digits|sd15] [--no-checkpointing]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="training steps per measurement")
     p.add_argument("--model", choices=("digits", "sd15"), default="digits",
                    help="the digits demo model, or an SD1.5-architecture UNet with random weights")
+    p.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     args = p.parse_args()
     session = ComfySession.start(Path(tempfile.mkdtemp(prefix="bench-sdd-")))
     session.load_pack(test_nodes=False)
@@ -50,13 +51,15 @@ def main() -> None:
     node = nodes["SDN_EraseConceptSDD"]()
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         start = time.perf_counter()
-        node.train(model, concept, anchor, args.steps, 3e-4, 0.99, 3.0, "cross-attention", size, size, 0)
+        node.train(model, concept, anchor, args.steps, 3e-4, 0.99, 3.0, "cross-attention", size, size, 0,
+                   gradient_checkpointing=not args.no_checkpointing)
         seconds = time.perf_counter() - start
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    log.info("%s model, %d steps on %s (%d threads): %.2f steps/s, %.1f s; peak %s memory %.0f MiB",
-             args.model, args.steps, device, torch.get_num_threads(), args.steps / seconds, seconds,
+    log.info("%s model, gradient checkpointing %s, %d steps on %s (%d threads): %.2f steps/s, %.1f s; peak %s "
+             "memory %.0f MiB", args.model, "off" if args.no_checkpointing else "on", args.steps, device,
+             torch.get_num_threads(), args.steps / seconds, seconds,
              "CUDA" if device == "cuda" else "process (resident)", peak)
     if device == "cpu":
         log.info("resident before training (runtime and the base model): %.0f MiB; the training added %.0f MiB",

@@ -175,6 +175,19 @@ def _checkpoint_layers_(student: torch.nn.Module) -> int:
     return len(layers)
 
 
+def _probe_backward(student: torch.nn.Module, ms: Any, channels: int, inputs: dict[str, Any],
+                    device: torch.device) -> None:
+    """One forward and backward pass of the student at 64x64 px, without checkpointing, before it is
+    checkpointed: a UNet that adds residuals in place (ComfyUI of early 2024) fails here with the node's
+    clear error (:func:`_backward`), as the first step of an unchecked run does. Checkpointing's
+    recomputation would not raise that error, and its gradients are not verified on such a UNet. The
+    gradients of the probe are dropped; the weights are untouched."""
+    z = torch.zeros(1, channels, 8, 8, device=device)
+    sigma = ms.sigma(torch.tensor(500.0)).reshape(1).to(device)
+    _backward(eps_prediction(student, ms, z, sigma, inputs).pow(2).mean())
+    student.zero_grad(set_to_none=True)
+
+
 def _backward(loss: torch.Tensor) -> None:
     try:
         loss.backward()
@@ -227,8 +240,6 @@ def _train(model: Any, concepts: Any, uncond: Any, settings: SDDSettings) -> tup
     signature = _signature(model, concept_entries, uncond_entries, settings)
     student = _trainable_copy(unet, device)
     teacher = copy.deepcopy(student).eval()
-    if settings.gradient_checkpointing:
-        _checkpoint_layers_(student)  # after the teacher's copy: the teacher never runs backward
     trained = [n for n in names if trained_parameter(n, settings.parameter_set)]
     params = dict(student.named_parameters())
     trained_set = set(trained)
@@ -262,6 +273,9 @@ def _train(model: Any, concepts: Any, uncond: Any, settings: SDDSettings) -> tup
     concept_inputs = [_model_inputs(base, e, settings.width, settings.height, device) for e in concept_entries]
     teacher_inputs = dict(concept_inputs[0])
     teacher_inputs["context"] = torch.cat([c["context"] for c in concept_inputs], dim=1)  # all concepts joined
+    if settings.gradient_checkpointing:
+        _probe_backward(student, ms, latent_channels, concept_inputs[0], device)
+        _checkpoint_layers_(student)  # after the teacher's copy: the teacher never runs backward
     pbar = progress_bar(settings.steps)
     pbar.update_absolute(start, settings.steps)
     t0 = time.time()
